@@ -1,0 +1,14 @@
+"""fastmm: a kernel-optimized runtime for unified multimodal models.
+
+    import fastmm
+    y = fastmm.ops.modality_rms_norm(x, modality, weight)       # one op, backend chosen by device
+    with fastmm.use_backend("reference"):                         # or FASTMM_BACKEND=reference
+        y_ref = fastmm.ops.modality_rms_norm(x, modality, weight)
+"""
+
+from fastmm import nn, ops
+from fastmm.backend import use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "nn", "use_backend", "__version__"]

@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules built on fastmm.ops. They own parameters and call an op; no logic of their own."""
+
+from fastmm.nn.norm import ModalityLayerNorm, ModalityRMSNorm, RoutedLinear
+
+__all__ = ["ModalityRMSNorm", "ModalityLayerNorm", "RoutedLinear"]

@@ -1,0 +1,7 @@
+"""Public ops. Each validates its inputs, then runs on the backend chosen for the tensors' device
+(fastmm.backend): reference (PyTorch), native (C++, CPU) or triton (CUDA, or CPU under TRITON_INTERPRET=1).
+Each is also registered as ``torch.ops.fastmm.<name>`` for torch.compile and autograd."""
+
+from fastmm.ops.norm import modality_layer_norm, modality_rms_norm, routed_linear
+
+__all__ = ["modality_rms_norm", "modality_layer_norm", "routed_linear"]

@@ -1,0 +1,372 @@
+"""Op family `norm`: modality-adaptive RMSNorm / LayerNorm and routed (per-modality) linear projections.
+
+mPLUG-Owl2 gives every decoder layer one norm per modality (text = 0, image = 1) and routes the K and V
+projections by modality. Its reference finds each modality's rows with nonzero (a host sync), gathers,
+applies the module and scatters back. These ops read each row's modality id inside one kernel instead.
+
+Each public function validates, flattens to [T, D], and calls the kernels of the chosen backend directly in
+eager inference, or the registered custom op ``fastmm::<name>`` under torch.compile and when autograd
+records (see fastmm.ops._dispatch).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastmm.ops import _validate as v
+from fastmm.ops._dispatch import kernels, use_dispatcher
+
+_FAMILY = "norm"
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_norm_inputs(op, x, modality, weight, bias, residual, eps):
+    v.check_tensor(op, "x", x)
+    v.check_tensor(op, "modality", modality)
+    v.check_tensor(op, "weight", weight)
+    v.check_float(op, "x", x)
+    v.check_float(op, "weight", weight)
+    v.check_ids(op, "modality", modality)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension [..., D], got a 0-d tensor")
+    hidden = x.shape[-1]
+    v.check_dim(op, "weight", weight, 2, "[M, D] (one row per modality)")
+    if weight.shape[1] != hidden:
+        raise ValueError(f"{op}: weight must be [M, D] with D = x.shape[-1] = {hidden}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have at least one modality row, got shape {tuple(weight.shape)}")
+    v.check_shape(op, "modality", modality, x.shape[:-1], "x.shape[:-1]: one id per row of x")
+    if bias is not None:
+        v.check_tensor(op, "bias", bias)
+        v.check_float(op, "bias", bias)
+        v.check_shape(op, "bias", bias, weight.shape, "[M, D] like weight")
+    if residual is not None:
+        v.check_tensor(op, "residual", residual)
+        v.check_shape(op, "residual", residual, x.shape, "the shape of x")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    v.check_same_device(op, "x", x, modality=modality, weight=weight, bias=bias, residual=residual)
+    v.check_eps(op, eps)
+    v.check_id_range(op, "modality", modality, weight.shape[0], "M = weight.shape[0]")
+
+
+def _flat_rows(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1, width).contiguous()
+
+
+def _flat_ids(modality: torch.Tensor) -> torch.Tensor:
+    return modality.reshape(-1).to(torch.int64).contiguous()
+
+
+def _param(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Parameters in the activations' dtype (e.g. fp32 weights under bf16 autocast): a tiny [M, D] copy."""
+    return None if p is None else p.to(dtype).contiguous()
+
+
+def _maybe(t: torch.Tensor) -> torch.Tensor | None:
+    """Custom ops cannot return None: an absent optional output travels as an empty tensor."""
+    return t if t.numel() else None
+
+
+# --------------------------------------------------------------------------------------- modality_rms_norm
+
+
+@torch.library.custom_op("fastmm::modality_rms_norm", mutates_args=())
+def _rms_norm_op(
+    x: torch.Tensor, modality: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, residual_out, rstd = kernels(_FAMILY, "modality_rms_norm", x.device).rms_norm_fwd(
+        x, modality, weight, residual, eps
+    )
+    return y, (x.new_empty(0) if residual_out is None else residual_out), rstd
+
+
+@_rms_norm_op.register_fake
+def _(x, modality, weight, residual, eps):
+    rows = x.shape[0]
+    residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), residual_out, x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmm::modality_rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: torch.Tensor,
+    dresidual_out: Optional[torch.Tensor],
+    x_in: torch.Tensor,
+    modality: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels(_FAMILY, "modality_rms_norm", dy.device).rms_norm_bwd(dy, dresidual_out, x_in, modality, weight, rstd)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, dresidual_out, x_in, modality, weight, rstd):
+    return torch.empty_like(x_in), weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, modality, weight, residual, _ = inputs
+    _, residual_out, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(residual_out if ctx.has_residual else x, modality, weight, rstd)
+
+
+def _rms_norm_backward(ctx, dy, dresidual_out, _drstd):
+    x_in, modality, weight, rstd = ctx.saved_tensors
+    dres = dresidual_out if ctx.has_residual and dresidual_out is not None and dresidual_out.numel() else None
+    dx, dweight = _rms_norm_backward_op(dy.contiguous(), dres, x_in, modality, weight, rstd)
+    return dx, None, dweight.to(weight.dtype), (dx if ctx.has_residual else None), None
+
+
+_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def modality_rms_norm(
+    x: torch.Tensor,
+    modality: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with one weight row per modality: y_t = s_t * rsqrt(mean(s_t^2) + eps) * weight[modality_t].
+
+    Args:
+        x: [..., D] float32 / float16 / bfloat16 activations.
+        modality: [...] (x.shape[:-1]) integer ids in [0, M): 0 = text, 1 = image in mPLUG-Owl2.
+        weight: [M, D] per-modality scales (cast to x's dtype if it differs).
+        eps: added to the mean square, as in LlamaRMSNorm.
+        residual: optional [..., D] in x's dtype. Then s = x + residual (rounded to x's dtype) is normalized
+            and (y, s) is returned, so the caller keeps the new residual stream (fused add + norm).
+
+    Returns:
+        y [..., D] in x's dtype, or (y, s) when a residual is given. Statistics are fp32.
+    """
+    op = "modality_rms_norm"
+    _check_norm_inputs(op, x, modality, weight, None, residual, eps)
+    shape, hidden = x.shape, x.shape[-1]
+    x2, r2 = _flat_rows(x, hidden), _flat_rows(residual, hidden)
+    ids, w = _flat_ids(modality), _param(weight, x.dtype)
+    if use_dispatcher(x, weight, residual):
+        y, residual_out, _ = _rms_norm_op(x2, ids, w, r2, float(eps))
+        residual_out = _maybe(residual_out) if residual is not None else None
+    else:
+        y, residual_out, _ = kernels(_FAMILY, op, x.device).rms_norm_fwd(x2, ids, w, r2, float(eps))
+    y = y.view(shape)
+    return y if residual is None else (y, residual_out.view(shape))
+
+
+# ------------------------------------------------------------------------------------- modality_layer_norm
+
+
+@torch.library.custom_op("fastmm::modality_layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor,
+    modality: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, residual_out, mean, rstd = kernels(_FAMILY, "modality_layer_norm", x.device).layer_norm_fwd(
+        x, modality, weight, bias, residual, eps
+    )
+    return y, (x.new_empty(0) if residual_out is None else residual_out), mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(x, modality, weight, bias, residual, eps):
+    rows = x.shape[0]
+    residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    stat = x.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(x), residual_out, stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("fastmm::modality_layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    dy: torch.Tensor,
+    dresidual_out: Optional[torch.Tensor],
+    x_in: torch.Tensor,
+    modality: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dweight, dbias = kernels(_FAMILY, "modality_layer_norm", dy.device).layer_norm_bwd(
+        dy, dresidual_out, x_in, modality, weight, mean, rstd, has_bias
+    )
+    return dx, dweight, (dweight.new_empty(0) if dbias is None else dbias)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, dresidual_out, x_in, modality, weight, mean, rstd, has_bias):
+    dweight = weight.new_empty(weight.shape, dtype=torch.float32)
+    return torch.empty_like(x_in), dweight, (torch.empty_like(dweight) if has_bias else dweight.new_empty(0))
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, modality, weight, bias, residual, _ = inputs
+    _, residual_out, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(residual_out if ctx.has_residual else x, modality, weight, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, dresidual_out, _dmean, _drstd):
+    x_in, modality, weight, mean, rstd = ctx.saved_tensors
+    dres = dresidual_out if ctx.has_residual and dresidual_out is not None and dresidual_out.numel() else None
+    dx, dweight, dbias = _layer_norm_backward_op(dy.contiguous(), dres, x_in, modality, weight, mean, rstd, ctx.has_bias)
+    dbias = dbias.to(weight.dtype) if ctx.has_bias else None
+    return dx, None, dweight.to(weight.dtype), dbias, (dx if ctx.has_residual else None), None
+
+
+_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+def modality_layer_norm(
+    x: torch.Tensor,
+    modality: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm with one (weight, bias) row per modality:
+    y_t = (s_t - mean(s_t)) * rsqrt(var(s_t) + eps) * weight[modality_t] + bias[modality_t].
+
+    Args as modality_rms_norm, plus bias: optional [M, D]. Variance is biased (as torch.nn.LayerNorm).
+    Returns y [..., D], or (y, s) when a residual is given.
+    """
+    op = "modality_layer_norm"
+    _check_norm_inputs(op, x, modality, weight, bias, residual, eps)
+    shape, hidden = x.shape, x.shape[-1]
+    x2, r2 = _flat_rows(x, hidden), _flat_rows(residual, hidden)
+    ids, w, b = _flat_ids(modality), _param(weight, x.dtype), _param(bias, x.dtype)
+    if use_dispatcher(x, weight, bias, residual):
+        y, residual_out, _, _ = _layer_norm_op(x2, ids, w, b, r2, float(eps))
+        residual_out = _maybe(residual_out) if residual is not None else None
+    else:
+        y, residual_out, _, _ = kernels(_FAMILY, op, x.device).layer_norm_fwd(x2, ids, w, b, r2, float(eps))
+    y = y.view(shape)
+    return y if residual is None else (y, residual_out.view(shape))
+
+
+# ------------------------------------------------------------------------------------------ routed_linear
+
+
+@torch.library.custom_op("fastmm::routed_linear", mutates_args=())
+def _routed_linear_op(
+    x: torch.Tensor, modality: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    return kernels(_FAMILY, "routed_linear", x.device).routed_linear_fwd(x, modality, weight, bias)
+
+
+@_routed_linear_op.register_fake
+def _(x, modality, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("fastmm::routed_linear_backward", mutates_args=())
+def _routed_linear_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    modality: torch.Tensor,
+    weight: torch.Tensor,
+    bias_present: bool,
+    need_dx: bool,
+    need_dweight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dweight, dbias = kernels(_FAMILY, "routed_linear", dy.device).routed_linear_bwd(
+        dy, x, modality, weight, bias_present, need_dx, need_dweight
+    )
+    empty = dy.new_empty(0)
+    return (
+        empty if dx is None else dx,
+        empty.float() if dweight is None else dweight,
+        empty.float() if dbias is None else dbias,
+    )
+
+
+@_routed_linear_backward_op.register_fake
+def _(dy, x, modality, weight, bias_present, need_dx, need_dweight):
+    f32 = torch.float32
+    return (
+        torch.empty_like(x) if need_dx else dy.new_empty(0),
+        weight.new_empty(weight.shape, dtype=f32) if need_dweight else dy.new_empty(0, dtype=f32),
+        weight.new_empty(weight.shape[:2], dtype=f32) if bias_present else dy.new_empty(0, dtype=f32),
+    )
+
+
+def _routed_linear_setup(ctx, inputs, output):
+    x, modality, weight, bias = inputs
+    ctx.bias_present = bias is not None
+    ctx.save_for_backward(x, modality, weight)
+
+
+def _routed_linear_backward(ctx, dy):
+    x, modality, weight = ctx.saved_tensors
+    need_dx, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dx, dweight, dbias = _routed_linear_backward_op(
+        dy.contiguous(), x, modality, weight, ctx.bias_present, need_dx, need_dweight
+    )
+    return (
+        dx if need_dx else None,
+        None,
+        dweight.to(weight.dtype) if need_dweight else None,
+        dbias.to(weight.dtype) if ctx.bias_present else None,
+    )
+
+
+_routed_linear_op.register_autograd(_routed_linear_backward, setup_context=_routed_linear_setup)
+
+
+def routed_linear(
+    x: torch.Tensor, modality: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-modality linear projection: y_t = weight[modality_t] @ x_t + bias[modality_t].
+
+    Args:
+        x: [..., K] float32 / float16 / bfloat16.
+        modality: [...] (x.shape[:-1]) integer ids in [0, M).
+        weight: [M, N, K], one nn.Linear weight per modality (cast to x's dtype if it differs).
+        bias: optional [M, N].
+
+    Returns:
+        [..., N] in x's dtype. When every row has one modality (every decode step) this is one dense GEMM;
+        otherwise a grouped GEMM that never multiplies a row by a weight it does not use.
+    """
+    op = "routed_linear"
+    for name, t in (("x", x), ("modality", modality), ("weight", weight)):
+        v.check_tensor(op, name, t)
+    v.check_float(op, "x", x)
+    v.check_float(op, "weight", weight)
+    v.check_ids(op, "modality", modality)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension [..., K], got a 0-d tensor")
+    v.check_dim(op, "weight", weight, 3, "[M, N, K] (one nn.Linear weight per modality)")
+    num_modalities, out_features, in_features = weight.shape
+    if in_features != x.shape[-1]:
+        raise ValueError(f"{op}: weight must be [M, N, K] with K = x.shape[-1] = {x.shape[-1]}, got {tuple(weight.shape)}")
+    if num_modalities == 0:
+        raise ValueError(f"{op}: weight must have at least one modality, got shape {tuple(weight.shape)}")
+    v.check_shape(op, "modality", modality, x.shape[:-1], "x.shape[:-1]: one id per row of x")
+    if bias is not None:
+        v.check_tensor(op, "bias", bias)
+        v.check_float(op, "bias", bias)
+        v.check_shape(op, "bias", bias, (num_modalities, out_features), "[M, N]")
+    v.check_same_device(op, "x", x, modality=modality, weight=weight, bias=bias)
+    v.check_id_range(op, "modality", modality, num_modalities, "M = weight.shape[0]")
+
+    out_shape = (*x.shape[:-1], out_features)
+    x2, ids = _flat_rows(x, in_features), _flat_ids(modality)
+    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    if use_dispatcher(x, weight, bias):
+        y = _routed_linear_op(x2, ids, w, b)
+    else:
+        y = kernels(_FAMILY, op, x.device).routed_linear_fwd(x2, ids, w, b)
+    return y.view(out_shape)
