@@ -1,7 +1,8 @@
 """Reference semantics of the `norm` family: modality-adaptive norms and routed projections (mPLUG-Owl2).
 
 Every row t of x belongs to modality m_t (0 = text, 1 = image, any small number allowed) and uses that
-modality's parameters. Math in fp32, one cast to x's dtype at the end. With a residual, the sum
+modality's parameters. Math in fp32 (fp64 for fp64 inputs, which the tests use as ground truth), one cast
+to x's dtype at the end. With a residual, the sum
 s = x + residual is rounded to x's dtype first (what an unfused pipeline would hand the norm), then
 normalized; the rounded s is returned as the new residual stream.
 """
@@ -11,8 +12,13 @@ from __future__ import annotations
 import torch
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """t in the accumulation dtype: fp32, or fp64 when t is fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _add_residual(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    return x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    return x if residual is None else (_acc(x) + _acc(residual)).to(x.dtype)
 
 
 def modality_rms_norm(
@@ -27,9 +33,9 @@ def modality_rms_norm(
     x [..., D]; modality [...] integer ids in [0, M); weight [M, D]. Returns y, or (y, s) with residual.
     """
     s = _add_residual(x, residual)
-    xf = s.float()
+    xf = _acc(s)
     rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    y = (xf * rstd * weight.float()[modality.long()]).to(x.dtype)
+    y = (xf * rstd * _acc(weight)[modality.long()]).to(x.dtype)
     return y if residual is None else (y, s)
 
 
@@ -43,14 +49,14 @@ def modality_layer_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y_t = (s_t - mean(s_t)) * rsqrt(var(s_t) + eps) * weight[m_t] + bias[m_t] (biased variance)."""
     s = _add_residual(x, residual)
-    xf = s.float()
+    xf = _acc(s)
     mean = xf.mean(dim=-1, keepdim=True)
     centered = xf - mean
     rstd = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + eps)
     index = modality.long()
-    y = centered * rstd * weight.float()[index]
+    y = centered * rstd * _acc(weight)[index]
     if bias is not None:
-        y = y + bias.float()[index]
+        y = y + _acc(bias)[index]
     y = y.to(x.dtype)
     return y if residual is None else (y, s)
 
@@ -62,14 +68,14 @@ def routed_linear(
 
     The reference loops over modalities with a boolean mask (never a row times a weight it does not use).
     """
-    flat_x = x.reshape(-1, x.shape[-1]).float()
+    flat_x = _acc(x.reshape(-1, x.shape[-1]))
     flat_m = modality.reshape(-1).long()
     out = flat_x.new_zeros(flat_x.shape[0], weight.shape[1])
     for m in range(weight.shape[0]):
         rows = flat_m == m
-        y_m = flat_x[rows] @ weight[m].float().t()
+        y_m = flat_x[rows] @ _acc(weight[m]).t()
         if bias is not None:
-            y_m = y_m + bias[m].float()
+            y_m = y_m + _acc(bias[m])
         out[rows] = y_m
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[1])
 
