@@ -117,8 +117,13 @@ def choose_backend(op: str, device: torch.device) -> str:
     fallback = default_backend(device)
     if fallback == wanted or not backend_status(fallback, device)[0]:
         fallback = "reference"
+    warn_fallback(op, wanted, fallback, reason)
+    return fallback
+
+
+def warn_fallback(op: str, wanted: str, fallback: str, reason: str) -> None:
+    """Log once per (op, wanted, fallback) that ``op`` runs on ``fallback`` instead of ``wanted``."""
     key = (op, wanted, fallback)
     if key not in _warned:
         _warned.add(key)
         logger.warning("fastmm.%s: backend %r unavailable (%s); using %r", op, wanted, reason, fallback)
-    return fallback

@@ -3,9 +3,17 @@
 Kernels join through ``register_aot`` next to their definition, with one ``AotConfig`` per launch
 configuration they can run with (every autotune config, every dtype). ``compile_all`` compiles each one
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reads the resource usage
-of the resulting cubin with the ``cuobjdump`` that ships inside triton: registers, local memory (spills)
-and shared memory. The AOT test asserts no spills and shared memory within the SM limit; ``fastmm kernels
---aot`` prints the table.
+of the resulting cubin with the ``cuobjdump`` that ships inside triton: registers, spills (the stack frame
+plus local memory: recent ptxas reports spilled registers as STACK) and shared memory. The AOT test asserts
+no spills and shared memory within the SM limit; ``fastmm kernels --aot`` prints the table.
+
+Each configuration is compiled with the specialization the JIT picks for the shapes that matter: every
+pointer 16-byte aligned (as torch allocates) and the integer arguments named in ``divisible_by_16``
+(strides and widths of real models: 1024, 4096, ...) marked divisible by 16. Odd widths make the JIT
+compile a less specialized variant, which this check does not cover.
+
+Compilation needs the real JIT functions: under ``TRITON_INTERPRET=1`` triton.jit returns interpreter
+objects that cannot be compiled, so run it in a process without that variable (the test does).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class AotConfig:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
+    divisible_by_16: tuple[str, ...] = ()  # integer arguments the JIT sees divisible by 16 at real sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +58,7 @@ class AotResult:
     arch: int
     registers: int
     shared: int  # bytes of shared memory per block (dynamic, as triton launches it, plus static)
-    spills: int  # bytes of local memory per thread: register spills
+    spills: int  # bytes per thread of stack frame and local memory: register spills
     error: str = ""
 
     @property
@@ -91,10 +100,28 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         out = subprocess.run(
             [_cuobjdump(), "--dump-resource-usage", handle.name], capture_output=True, text=True, check=True
         ).stdout
-    usage = {key: int(value) for key, value in re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", out)}
+    return parse_resource_usage(out)
+
+
+def parse_resource_usage(cuobjdump_output: str) -> dict[str, int]:
+    """The REG, SHARED, LOCAL and STACK counts of ``cuobjdump --dump-resource-usage`` output."""
+    pairs = re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", cuobjdump_output)
+    usage = {key: int(value) for key, value in pairs}
     if "REG" not in usage:
-        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{cuobjdump_output}")
     return usage
+
+
+def _alignment(config: AotConfig) -> dict[tuple[int, ...], list[list[Any]]]:
+    """ASTSource attributes marking aligned pointers and divisible integers, as the JIT specializes them."""
+    unknown = set(config.divisible_by_16) - set(config.signature)
+    if unknown:
+        raise ValueError(f"AotConfig {config.label!r}: divisible_by_16 names unknown arguments {sorted(unknown)}")
+    return {
+        (index,): [["tt.divisibility", 16]]
+        for index, (name, kind) in enumerate(config.signature.items())
+        if kind.startswith("*") or name in config.divisible_by_16
+    }
 
 
 def compile_one(entry: AotKernel, config: AotConfig, arch: int) -> AotResult:
@@ -104,7 +131,9 @@ def compile_one(entry: AotKernel, config: AotConfig, arch: int) -> AotResult:
     from triton.compiler import ASTSource
 
     try:
-        source = ASTSource(fn=entry.kernel, signature=config.signature, constexprs=config.constexprs)
+        source = ASTSource(
+            fn=entry.kernel, signature=config.signature, constexprs=config.constexprs, attrs=_alignment(config)
+        )
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),
@@ -114,14 +143,20 @@ def compile_one(entry: AotKernel, config: AotConfig, arch: int) -> AotResult:
     except Exception as exc:  # report every failure in the table rather than stopping at the first
         return AotResult(entry.name, config.label, arch, 0, 0, 0, error=f"{type(exc).__name__}: {exc}")
     shared = max(int(getattr(compiled.metadata, "shared", 0)), usage.get("SHARED", 0))
-    return AotResult(entry.name, config.label, arch, usage["REG"], shared, usage.get("LOCAL", 0))
+    return result_from_usage(entry.name, config.label, arch, usage, shared)
 
 
-def compile_all(archs: Iterable[int] = ARCHS) -> list[AotResult]:
-    """Compile every registered kernel with each of its configurations for each architecture."""
-    return [
-        compile_one(entry, config, arch)
-        for entry in registered_kernels()
-        for config in entry.configs
-        for arch in archs
-    ]
+def result_from_usage(kernel: str, config: str, arch: int, usage: dict[str, int], shared: int) -> AotResult:
+    """Spills are the stack frame plus local memory: recent ptxas reports spilled registers as STACK."""
+    spills = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+    return AotResult(kernel, config, arch, usage["REG"], shared, spills)
+
+
+def compile_all(archs: Iterable[int] = ARCHS, kernel: str | None = None) -> list[AotResult]:
+    """Compile every registered kernel (or only the one named ``kernel``) with each of its configurations
+    for each architecture."""
+    entries = [entry for entry in registered_kernels() if kernel is None or entry.name == kernel]
+    if kernel is not None and not entries:
+        names = sorted(entry.name for entry in registered_kernels())
+        raise ValueError(f"compile_all(kernel): no registered kernel named {kernel!r}; registered: {names}")
+    return [compile_one(entry, config, arch) for entry in entries for config in entry.configs for arch in archs]
