@@ -72,6 +72,12 @@ def _maybe(t: torch.Tensor) -> torch.Tensor | None:
     return t if t.numel() else None
 
 
+def _present_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient of an optional output as the kernels take it: None when absent, else contiguous (autograd
+    may hand over an expanded or strided tensor, and the kernels index rows by a single stride)."""
+    return None if grad is None or grad.numel() == 0 else grad.contiguous()
+
+
 # --------------------------------------------------------------------------------------- modality_rms_norm
 
 
@@ -118,7 +124,7 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, dy, dresidual_out, _drstd):
     x_in, modality, weight, rstd = ctx.saved_tensors
-    dres = dresidual_out if ctx.has_residual and dresidual_out is not None and dresidual_out.numel() else None
+    dres = _present_grad(dresidual_out) if ctx.has_residual else None
     dx, dweight = _rms_norm_backward_op(dy.contiguous(), dres, x_in, modality, weight, rstd)
     return dx, None, dweight.to(weight.dtype), (dx if ctx.has_residual else None), None
 
@@ -219,7 +225,7 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, dresidual_out, _dmean, _drstd):
     x_in, modality, weight, mean, rstd = ctx.saved_tensors
-    dres = dresidual_out if ctx.has_residual and dresidual_out is not None and dresidual_out.numel() else None
+    dres = _present_grad(dresidual_out) if ctx.has_residual else None
     dx, dweight, dbias = _layer_norm_backward_op(dy.contiguous(), dres, x_in, modality, weight, mean, rstd, ctx.has_bias)
     dbias = dbias.to(weight.dtype) if ctx.has_bias else None
     return dx, None, dweight.to(weight.dtype), dbias, (dx if ctx.has_residual else None), None
