@@ -1,0 +1,215 @@
+"""The `fastmm` command: info | bench | kernels.
+
+    fastmm info [--no-roofline] [--json PATH]      versions, devices, backends, telemetry, CPU roofline
+    fastmm bench SUITE|all [--out DIR] [--json PATH] [--quick] [--device auto|cpu|cuda]
+    fastmm kernels [--aot] [--json PATH]           registered Triton kernels; --aot compiles them for sm_80/90
+
+Human output goes to stdout as rich tables, progress and warnings to stderr, and ``--json PATH`` writes the
+same content for machines. Also runs as ``python -m fastmm.cli``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import sys
+from typing import Any, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+app = typer.Typer(help="fastmm: kernels for unified multimodal models.", no_args_is_help=True, add_completion=False)
+# Tables keep their columns when stdout is a file or a pipe (rich would squeeze them into 80 columns).
+out = Console() if sys.stdout.isatty() else Console(width=240)
+err = Console(stderr=True)
+
+JsonOption = typer.Option(None, "--json", help="Also write the result as JSON to this path.", dir_okay=False)
+
+
+def _print_table(title: str, headers: list[str], body: list[list[str]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for header in headers:
+        table.add_column(header)
+    for line in body:
+        table.add_row(*(Text(cell) for cell in line))  # Text: brackets in an error message are not markup
+    out.print(table)
+
+
+def _print_records(title: str, records: list[dict[str, Any]]) -> None:
+    """A table with one row per record, columns named by the keys (the keys of the --json output)."""
+    headers = list(records[0]) if records else []
+    _print_table(title, headers, [[str(value) for value in record.values()] for record in records])
+
+
+def _write_json(path: Optional[pathlib.Path], payload: Any) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        err.print(f"wrote {path}", markup=False)
+
+
+def _availability(available: bool, reason: str) -> dict[str, Any]:
+    return {"available": available, "reason": reason}
+
+
+def _yes_no(available: bool, reason: str) -> str:
+    return ("yes" if available else "no") + ("" if reason == "ok" else f" ({reason})")
+
+
+def _telemetry_status() -> tuple[bool, str]:
+    """Whether NVML (GPU clocks, power, memory) can be read: the package, the driver library, a device."""
+    try:
+        import pynvml
+    except ImportError:
+        return False, "nvidia-ml-py not installed"
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError as exc:
+        return False, f"nvmlInit failed: {exc}"
+    return True, f"{count} device(s)"
+
+
+@app.command()
+def info(
+    roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure the CPU roofline (a few seconds)."),
+    json_path: Optional[pathlib.Path] = JsonOption,
+) -> None:
+    """Versions, devices, backend availability (with the reason when not), NVML telemetry, CPU roofline."""
+    from fastmm.backend import BACKENDS, backend_status
+    from fastmm.bench import environment
+    from fastmm.bench.roofline import cpu_model, cpu_peaks
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    payload: dict[str, Any] = {
+        "versions": environment.versions(),
+        "cpu": cpu_model(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA",
+        "torch_threads": torch.get_num_threads(),
+        "telemetry": _availability(*_telemetry_status()),
+        "backends": {name: {d.type: _availability(*backend_status(name, d)) for d in devices} for name in BACKENDS},
+    }
+    _print_table("versions", ["package", "version"], [list(item) for item in payload["versions"].items()])
+    machine = [
+        ["cpu", payload["cpu"]],
+        ["cuda device", payload["cuda_device"]],
+        ["torch threads", str(payload["torch_threads"])],
+        ["NVML telemetry", _yes_no(**payload["telemetry"])],
+    ]
+    _print_table("machine", ["item", "value"], machine)
+    backends = payload["backends"].items()
+    body = [[name] + [_yes_no(**found) for found in by_device.values()] for name, by_device in backends]
+    _print_table("backends", ["backend"] + [d.type for d in devices], body)
+    if roofline:
+        with err.status("measuring the CPU roofline (copy bandwidth, fp32 and bf16 GEMM)..."):
+            peaks = cpu_peaks()
+        rows = [["copy bandwidth", f"{peaks.bandwidth_gb_s:.1f} GB/s"]]
+        rows.append(["copy into a new buffer", f"{peaks.fresh_copy_gb_s:.1f} GB/s"])
+        rows += [[f"{dtype} GEMM", f"{value:,.0f} GFLOP/s"] for dtype, value in peaks.gemm_gflop_s.items()]
+        rows.append(["how", peaks.source])
+        _print_table("CPU roofline", ["peak", "value"], rows)
+        payload["cpu_roofline"] = dataclasses.asdict(peaks)
+    _write_json(json_path, payload)
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help="A registered suite (e.g. norm) or 'all'."),
+    out_dir: pathlib.Path = typer.Option(
+        pathlib.Path("bench-results"), "--out", help="Where report.md, report.json and plots/ go."
+    ),
+    json_path: Optional[pathlib.Path] = JsonOption,
+    quick: bool = typer.Option(False, "--quick", help="Tiny shapes, short timings: a smoke test of the harness."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+) -> None:
+    """Run benchmark suites; print tables, write report.md / report.json / plots into --out."""
+    from fastmm.bench import report as report_io
+    from fastmm.bench import runner
+    from fastmm.bench.suites import suites
+
+    registered = suites()
+    if suite != "all" and suite not in registered:
+        raise typer.BadParameter(f"expected 'all' or one of {sorted(registered)}, got {suite!r}", param_hint="SUITE")
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"expected auto, cpu or cuda, got {device!r}", param_hint="--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("cuda asked for, but torch sees no CUDA device", param_hint="--device")
+    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    selected = list(registered.values()) if suite == "all" else [registered[suite]]
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("measuring the roofline", total=None)
+
+        def on_case(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=label)
+            if not err.is_terminal:  # a log file gets no live bar: one line per case instead
+                err.print(f"[{done}/{total}] {label}", markup=False)
+
+        result = runner.run(selected, target, quick=quick, progress=on_case)
+
+    for (suite_name, op), rows in report_io.group(result.results).items():
+        headers, body = report_io.op_table(rows)
+        _print_table(f"{suite_name} / {op} on {rows[0].device}", headers, body)
+    if result.targets:
+        _print_table("targets (reported, not asserted)", *report_io.target_table(result.targets))
+    for path in report_io.write(result, registered, out_dir):
+        err.print(f"wrote {path}", markup=False)
+    _write_json(json_path, result.to_dict())
+    failed = [row for row in result.results if row.error]
+    if failed:
+        err.print(f"[red]{len(failed)} provider run(s) failed; see the note column[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def kernels(
+    aot: bool = typer.Option(False, "--aot", help="Compile every kernel configuration for sm_80 and sm_90 (no GPU)."),
+    kernel: Optional[str] = typer.Option(None, "--kernel", help="With --aot: compile only this kernel."),
+    json_path: Optional[pathlib.Path] = JsonOption,
+) -> None:
+    """List the registered Triton kernels; with --aot, compile them and show registers, shared memory and spills
+    (exit status 1 if any configuration fails, spills or exceeds shared memory)."""
+    from fastmm.triton import aot as aot_module
+
+    if not aot:
+        records = [
+            {"kernel": entry.name, "config": config.label, "warps": config.num_warps, "stages": config.num_stages}
+            for entry in aot_module.registered_kernels()
+            for config in entry.configs
+        ]
+        _print_records("registered Triton kernels", records)
+        _write_json(json_path, records)
+        return
+    with err.status("compiling every Triton kernel configuration for sm_80 and sm_90..."):
+        results = aot_module.compile_all(kernel=kernel)
+    records = [
+        {"kernel": r.kernel, "config": r.config, "arch": r.arch, "registers": r.registers, "shared": r.shared,
+         "spills": r.spills, "ok": r.ok, "error": r.error}
+        for r in results
+    ]
+    _print_records("AOT compilation (shared: bytes per block, spills: local bytes per thread)", records)
+    _write_json(json_path, records)
+    bad = [result for result in results if not result.ok]
+    if bad:
+        err.print(f"[red]{len(bad)} of {len(results)} kernel configurations are not ok[/red]")
+        raise typer.Exit(1)
+    if not results:
+        err.print("no Triton kernels are registered")
+
+
+def main() -> None:
+    """Entry point of the `fastmm` script (pyproject) and of `python -m fastmm.cli`."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()
