@@ -121,6 +121,27 @@ def test_norm_edge_layouts(backend, device):
     assert y.shape == s.shape == (0, 33) and z.shape == (0, 5)
 
 
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("kind", list(NORMS))
+def test_norm_rows_wider_than_triton_block(backend, device, kind, monkeypatch, caplog):
+    """D = 8200 exceeds the rows triton holds in registers (8192): it falls back to the reference, once
+    warned; the other backends take any width."""
+    op, spec = NORMS[kind]
+    monkeypatch.setattr(fastmm.backend, "_warned", set())
+    x, modality, params, residual = _norm_inputs(kind, (3,), 8200, 2, torch.float32, device, True, 4)
+    x.requires_grad_()
+    with fastmm.use_backend(backend), caplog.at_level("WARNING", logger="fastmm"):
+        y, s = op(x, modality, **params, residual=residual)
+        (dx,) = torch.autograd.grad((y * y).sum() + s.sum(), x)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref, s_ref = spec(x_ref, modality, **params, residual=residual)
+    (dx_ref,) = torch.autograd.grad((y_ref * y_ref).sum() + s_ref.sum(), x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    fell_back = [r for r in caplog.records if "exceeds the register-resident row limit" in r.getMessage()]
+    assert len(fell_back) == (1 if backend == "triton" else 0), [r.getMessage() for r in caplog.records]
+
+
 # (rows, K, N, layout) with layouts: all one modality, two interleaved (65-token image spans), an empty one.
 ROUTED_CASES = [(1, 1, 1, "one"), (29, 17, 5, "interleaved"), (70, 64, 130, "spans"), (41, 33, 16, "empty-middle")]
 

@@ -139,3 +139,20 @@ def test_compile_inductor_inference():
     x, modality, weight = _good(rows=12, hidden=32)
     compiled = torch.compile(lambda a, m, w: ops.modality_rms_norm(a, m, w) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x, modality, weight), 2 * ref.modality_rms_norm(x, modality, weight))
+
+
+def test_native_launcher_refuses_buffers_it_cannot_index():
+    """The C++ kernels take raw pointers: the launcher itself rejects strided or mis-shaped buffers, even
+    when called past fastmm.ops (as autograd's backward does)."""
+    ok, reason = fastmm.backend.native_status()
+    if not ok:
+        pytest.skip(reason)
+    from fastmm.native import norm as native
+
+    x, modality, weight = _good()
+    _, _, rstd = native.rms_norm_fwd(x, modality, weight, None, 1e-6)
+    strided = torch.randn(8, 6).t()
+    with pytest.raises(ValueError, match="dresidual_out must be a contiguous CPU"):
+        native.rms_norm_bwd(torch.randn(6, 8), strided, x, modality, weight, rstd)
+    with pytest.raises(ValueError, match=r"rstd .* shape \(6,\)"):
+        native.rms_norm_bwd(torch.randn(6, 8), None, x, modality, weight, rstd[:5])

@@ -1,0 +1,87 @@
+"""The `fastmm` command and the benchmark harness under it: commands run, reports are written and parse back
+into the schema, timer statistics are ordered. No speed is asserted here: figures belong to `make bench`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastmm.backend import BACKENDS
+from fastmm.bench import timer
+from fastmm.bench.schema import BenchResult, TargetCheck
+from fastmm.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, f"fastmm {' '.join(args)} exited {result.exit_code}:\n{result.output}"
+    return result
+
+
+def test_info_reports_every_backend(tmp_path):
+    path = tmp_path / "info.json"
+    _invoke("info", "--no-roofline", "--json", str(path))
+    payload = json.loads(path.read_text())
+    assert set(payload["backends"]) == set(BACKENDS)
+    assert payload["backends"]["reference"]["cpu"]["available"] is True
+    assert "torch" in payload["versions"] and payload["torch_threads"] >= 1
+    assert "cpu_roofline" not in payload
+
+
+def test_kernels_lists_registered_configurations(tmp_path):
+    path = tmp_path / "kernels.json"
+    _invoke("kernels", "--json", str(path))
+    records = json.loads(path.read_text())
+    assert {"_norm_fwd_kernel", "_norm_bwd_kernel"} <= {record["kernel"] for record in records}
+    assert all(record["warps"] >= 1 and record["config"] for record in records)
+
+
+def test_unknown_suite_is_rejected_by_name():
+    result = runner.invoke(app, ["bench", "no-such-suite"])
+    assert result.exit_code != 0
+    assert "no-such-suite" in result.output
+
+
+def test_quick_norm_bench_writes_reports_that_parse_back(tmp_path):
+    _invoke("bench", "norm", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    assert (tmp_path / "report.md").read_text().strip()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["schema"] == 1
+    rows = [BenchResult(**row) for row in report["results"]]
+    assert rows and all(dataclasses.asdict(row) == raw for row, raw in zip(rows, report["results"]))
+    assert {row.provider for row in rows} >= {"fastmm", "mplug_owl2"}
+    fastmm_rows = [row for row in rows if row.provider == "fastmm"]
+    assert all(row.backend == "native" and row.median_ms > 0 and row.speedup_vs for row in fastmm_rows)
+    assert all(row.p20_ms <= row.median_ms <= row.p80_ms for row in rows if not row.error)
+    [TargetCheck(**check) for check in report["targets"]]
+    assert report["environment"]["threads"] == torch.get_num_threads()
+
+
+def test_timer_percentiles_are_ordered_and_count_runs():
+    timing = timer.cpu_time(lambda: time.sleep(0.001), warmup_s=0.0, min_time_s=0.02, min_reps=5)
+    assert timing.reps >= 5
+    assert timing.min_ms <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
+    assert timing.min_ms >= 1.0  # each run sleeps 1 ms: the timer cannot report less
+    assert timing.threads == torch.get_num_threads()
+
+
+def test_interleaved_timer_reports_a_failing_function_without_stopping():
+    def broken():
+        raise RuntimeError("provider broke")
+
+    found = timer.cpu_time_interleaved({"ok": lambda: None, "broken": broken}, min_time_s=0.003)
+    assert isinstance(found["broken"], RuntimeError)
+    assert isinstance(found["ok"], timer.Timing) and found["ok"].reps >= 3
+
+
+@pytest.mark.parametrize("times, median", [([3.0, 1.0, 2.0], 2.0), ([5.0], 5.0)])
+def test_summarize_takes_the_median(times, median):
+    stats = timer.summarize(times)
+    assert stats.median_ms == median and stats.min_ms == min(times) and stats.reps == len(times)
