@@ -44,9 +44,11 @@ def op_table(rows: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
     baselines = list(dict.fromkeys(row.provider for row in rows if row.provider != "fastmm"))
     has_flops = any(row.flops for row in rows)
     has_graph = any(row.graph_ms is not None for row in rows)
+    has_memory = any(row.peak_alloc_mib is not None for row in rows)
     headers = ["shape", "dtype", "provider", "ms (p20-p80)"]
     headers += ["graph ms"] if has_graph else []
     headers += ["GB/s"] + (["GFLOP/s"] if has_flops else []) + ["% of peak"]
+    headers += ["peak alloc MiB"] if has_memory else []
     headers += [f"vs {name}" for name in baselines] + ["note"]
     body = []
     for row in rows:
@@ -54,6 +56,7 @@ def op_table(rows: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
         line = [shape_label(row.shape), row.dtype, provider, _ms(row)]
         line += [_num(row.graph_ms, 3)] if has_graph else []
         line += [_num(row.gb_per_s)] + ([_num(row.gflop_per_s, 0)] if has_flops else []) + [_num(row.pct_of_peak)]
+        line += [_num(row.peak_alloc_mib, 2)] if has_memory else []
         line += [f"{row.speedup_vs[name]:.2f}x" if name in row.speedup_vs else "" for name in baselines]
         line.append("; ".join(part for part in (row.note, row.error) if part))
         body.append(line)

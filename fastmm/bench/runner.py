@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from fastmm.bench import environment, roofline, timer
+from fastmm.bench import environment, memory, roofline, timer
 from fastmm.bench.schema import BenchReport, BenchResult, TargetCheck, dtype_name
-from fastmm.bench.suites import Case, Provider, Suite
+from fastmm.bench.suites import Case, Provider, Suite, Target
 
 logger = logging.getLogger("fastmm")
 
@@ -53,6 +53,9 @@ def _add_note(row: BenchResult, text: str) -> None:
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error; for integer outputs (code indices) the fraction of entries that differ."""
+    if not ref.dtype.is_floating_point:
+        return float((out.reshape(ref.shape).to(ref.device) != ref).float().mean())
     ref32 = ref.float()
     return float((out.float() - ref32).norm() / ref32.norm().clamp_min(1e-30))
 
@@ -118,6 +121,10 @@ def run_case(suite: str, case: Case, device: torch.device, peaks: roofline.Peaks
                 _fail(rows[name], case, timing)
             else:
                 _fill_timing(rows[name], timing, case, peak_value)
+        if case.measure_memory:
+            for provider in providers:
+                if not rows[provider.name].error:
+                    rows[provider.name].peak_alloc_mib = memory.peak_torch_allocation(provider.fn, device) / 2**20
         if device.type == "cuda" and case.decode_size:
             for provider in providers:
                 if provider.graph_safe and not rows[provider.name].error:
@@ -146,7 +153,10 @@ def _first_calls(providers: list[Provider], rows: dict[str, BenchResult], case: 
         elif provider.same_result and expected is not None:
             row.rel_err = _rel_err(out, expected)
             if row.rel_err > _REL_ERR_LIMIT[case.dtype]:
-                _add_note(row, f"output differs from fastmm (rel err {row.rel_err:.2g})")
+                if expected.dtype.is_floating_point:
+                    _add_note(row, f"output differs from fastmm (rel err {row.rel_err:.2g})")
+                else:
+                    _add_note(row, f"differs from fastmm on {100 * row.rel_err:.2g}% of entries")
                 logger.warning("%s: %s: %s", case.label, provider.name, row.note)
 
 
@@ -160,6 +170,22 @@ def _time_graph(row: BenchResult, provider: Provider, quick: bool) -> None:
         row.graph_ms = timer.cuda_graph_time(provider.fn, rep_ms=_gpu_rep_ms(quick)).median_ms
     except Exception as exc:  # a capture failure is a finding about the provider, not a lost row
         _add_note(row, f"graph capture failed: {_describe(exc)}")
+
+
+def _target_value(target: Target, row: BenchResult, rows: list[BenchResult]) -> float | None:
+    """The metric of ``target`` on the fastmm ``row`` (rows: the whole run, for memory baselines)."""
+    if target.metric == "pct_of_peak":
+        return row.pct_of_peak
+    kind, baseline = target.metric.split(":", 1)
+    if kind == "speedup":
+        return row.speedup_vs.get(baseline)
+    same_case = [
+        other.peak_alloc_mib for other in rows
+        if other.provider == baseline and other.op == row.op and other.shape == row.shape and other.dtype == row.dtype
+    ]  # fmt: skip
+    if not same_case or not same_case[0] or row.peak_alloc_mib is None:
+        return None
+    return 100 * row.peak_alloc_mib / same_case[0]
 
 
 def check_targets(suite: Suite, rows: list[BenchResult]) -> list[TargetCheck]:
@@ -177,11 +203,8 @@ def check_targets(suite: Suite, rows: list[BenchResult]) -> list[TargetCheck]:
                 why = f"fastmm failed: {row.error}" if row.median_ms is None else f"fastmm ran on {row.backend}"
                 checks.append(TargetCheck(suite.name, target.describe(), row.dtype, None, None, why))
                 continue
-            if target.metric == "pct_of_peak":
-                value = row.pct_of_peak
-            else:
-                value = row.speedup_vs.get(target.metric.split(":", 1)[1])
-            met = None if value is None else value >= target.goal
+            value = _target_value(target, row, rows)
+            met = None if value is None else (value <= target.goal if target.lower_is_better else value >= target.goal)
             checks.append(TargetCheck(suite.name, target.describe(), row.dtype, value, met))
         if not at_shape:
             checks.append(TargetCheck(suite.name, target.describe(), None, None, None, "shape not in this run"))

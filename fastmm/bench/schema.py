@@ -51,7 +51,9 @@ class BenchResult:
     speedup_vs: dict[str, float]  # fastmm rows only: baseline median / fastmm median, per baseline of the run
     graph_ms: float | None = None  # CUDA only, decode sizes: median of CUDA-graph replays (no launch overhead)
     backend: str | None = None  # fastmm rows: the backend that actually ran (after any fallback)
-    rel_err: float | None = None  # |out - fastmm out| / |fastmm out| (L2) for baselines computing the same op
+    rel_err: float | None = None  # baselines computing the same op: |out - fastmm out| / |fastmm out| (L2), or for
+    # integer outputs (code indices) the fraction of entries that differ
+    peak_alloc_mib: float | None = None  # cases that measure memory: torch allocations held at once by one call
     note: str = ""
     error: str = ""  # why the provider could not run; the row then has no timing
 

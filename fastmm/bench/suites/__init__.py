@@ -37,6 +37,7 @@ class Case:
     bound: str  # "memory" (held to peak bandwidth) or "compute" (held to the GEMM peak of its dtype)
     setup: Callable[[], list[Provider]]  # builds inputs on the suite's device; "fastmm" first
     decode_size: bool = False  # small enough that CUDA-graph replay is the figure that matters
+    measure_memory: bool = False  # also record each provider's peak allocation (fastmm.bench.memory)
 
     @property
     def label(self) -> str:
@@ -49,15 +50,24 @@ class Target:
 
     op: str
     where: dict[str, int]  # the shape entries of the rows it applies to
-    metric: str  # "pct_of_peak" or "speedup:<baseline provider>"
-    goal: float  # reached when the metric is >= goal
+    # "pct_of_peak", "speedup:<baseline provider>", or "memory_pct:<baseline provider>" (fastmm's peak
+    # allocation as a percentage of the baseline's)
+    metric: str
+    goal: float  # reached when the metric is >= goal (for memory_pct: <= goal)
     backend: str  # fastmm backend the goal is set for (a native CPU goal says nothing of triton)
 
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric.startswith("memory_pct:")
+
     def describe(self) -> str:
+        baseline = self.metric.split(":", 1)[-1]
         if self.metric == "pct_of_peak":
             what = f">= {self.goal:g}% of peak"
+        elif self.lower_is_better:
+            what = f"peak allocation <= {self.goal:g}% of {baseline}'s"
         else:
-            what = f">= {self.goal:g}x {self.metric.split(':', 1)[1]}"
+            what = f">= {self.goal:g}x {baseline}"
         return f"{self.op} {shape_label(self.where)} ({self.backend}): {what}"
 
 
