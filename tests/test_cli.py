@@ -12,8 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from fastmm.backend import BACKENDS
-from fastmm.bench import timer
+from fastmm.bench import memory, timer
+from fastmm.bench import runner as bench_runner
 from fastmm.bench.schema import BenchResult, TargetCheck
+from fastmm.bench.suites import Suite, Target
 from fastmm.cli import app
 
 runner = CliRunner()
@@ -85,3 +87,36 @@ def test_interleaved_timer_reports_a_failing_function_without_stopping():
 def test_summarize_takes_the_median(times, median):
     stats = timer.summarize(times)
     assert stats.median_ms == median and stats.min_ms == min(times) and stats.reps == len(times)
+
+
+def test_quick_vq_bench_records_peak_allocation(tmp_path):
+    _invoke("bench", "vq", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    rows = [BenchResult(**row) for row in json.loads((tmp_path / "report.json").read_text())["results"]]
+    by_provider = {(row.provider, row.shape["N"], row.dtype): row for row in rows}
+    recipe, ours = by_provider[("transformers", 300, "float32")], by_provider[("fastmm", 300, "float32")]
+    n_by_k_mib = 300 * 1000 * 4 / 2**20  # the recipe's distance matrix
+    assert recipe.peak_alloc_mib >= n_by_k_mib
+    assert ours.peak_alloc_mib is not None and ours.rel_err is None and recipe.rel_err is not None
+
+
+def test_peak_torch_allocation_sees_temporaries():
+    def two_temporaries():
+        a = torch.empty(2**20)  # 4 MiB, freed before b is allocated
+        del a
+        b = torch.empty(2**19)
+        return b
+
+    peak = memory.peak_torch_allocation(two_temporaries, torch.device("cpu"))
+    assert 4 * 2**20 <= peak < 6 * 2**20
+
+
+def test_memory_target_is_met_when_at_most_the_goal():
+    target = Target("op", {"N": 1}, "memory_pct:recipe", 5, "native")
+    row = lambda provider, mib: BenchResult(  # noqa: E731
+        "s", "op", provider, {"N": 1}, "float32", "cpu", 2, 1.0, 1.0, 1.0, 3, 0, 0, None, None, None, "",
+        {}, backend="native", peak_alloc_mib=mib,
+    )
+    suite = Suite("s", "", {}, lambda device, quick: [], (target,))
+    for ours, met in ((4.0, True), (6.0, False)):
+        [check] = bench_runner.check_targets(suite, [row("fastmm", ours), row("recipe", 100.0)])
+        assert check.value == ours and check.met is met

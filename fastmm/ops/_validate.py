@@ -12,7 +12,7 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _describe(t: torch.Tensor) -> str:
+def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
@@ -34,12 +34,12 @@ def check_ids(op: str, name: str, t: torch.Tensor) -> None:
 
 def check_dim(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
     if t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must be {ndim}-D {layout}, got {_describe(t)}")
+        raise ValueError(f"{op}: {name} must be {ndim}-D {layout}, got {describe(t)}")
 
 
 def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str) -> None:
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} ({layout}), got {_describe(t)}")
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} ({layout}), got {describe(t)}")
 
 
 def check_same_device(op: str, reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -72,3 +72,12 @@ def check_id_range(op: str, name: str, ids: torch.Tensor, upper: int, upper_name
 def check_eps(op: str, eps: float) -> None:
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
+
+
+def check_finite(op: str, name: str, t: torch.Tensor) -> None:
+    """No NaN or inf in t; skipped where reading values would sync a capture (see module docstring)."""
+    if t.numel() == 0 or not values_checkable(t):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{op}: {name} must be finite, got {bad} NaN or inf entries in {describe(t)}")
