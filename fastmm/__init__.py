@@ -6,9 +6,9 @@
         y_ref = fastmm.ops.modality_rms_norm(x, modality, weight)
 """
 
-from fastmm import nn, ops
+from fastmm import nn, ops, runtime
 from fastmm.backend import use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "runtime", "use_backend", "__version__"]

@@ -2,6 +2,17 @@
 (fastmm.backend): reference (PyTorch), native (C++, CPU) or triton (CUDA, or CPU under TRITON_INTERPRET=1).
 Each is also registered as ``torch.ops.fastmm.<name>`` for torch.compile and autograd."""
 
+from fastmm.ops.attention import decode_attention, key_ranges, span_attention
 from fastmm.ops.norm import modality_layer_norm, modality_rms_norm, routed_linear
+from fastmm.ops.vq import vq_embed, vq_quantize
 
-__all__ = ["modality_rms_norm", "modality_layer_norm", "routed_linear"]
+__all__ = [
+    "modality_rms_norm",
+    "modality_layer_norm",
+    "routed_linear",
+    "vq_quantize",
+    "vq_embed",
+    "key_ranges",
+    "span_attention",
+    "decode_attention",
+]

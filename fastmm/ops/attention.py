@@ -1,0 +1,269 @@
+"""Op family `attention`: one key range per query for every mask a unified model needs, span attention over
+those ranges (flash-style, tiles outside every range skipped), and decode attention over a static KV cache.
+
+    query i may attend key j  <=>  kv_start[i] <= j < kv_end[i]
+
+Causal text, bidirectional image spans, packed documents and sliding windows are all such ranges: O(L)
+metadata instead of an L x L mask (see fastmm.reference.attention for a picture).
+
+Forward runs on the chosen backend. Backward runs the backend's ``span_attention_bwd`` where it has one
+(triton) and otherwise the reference's dense recompute (O(L^2) memory per head): training through
+span_attention works everywhere, fast only where a backward kernel exists.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fastmm.ops import _validate as val
+from fastmm.ops._dispatch import kernels, use_dispatcher
+from fastmm.reference import attention as reference
+
+_FAMILY = "attention"
+
+
+# ------------------------------------------------------------------------------------------ key_ranges
+
+
+def _check_spans(op: str, spans: Sequence[Sequence[tuple[int, int]]], batch: int | None, length: int) -> None:
+    if batch is not None and len(spans) != batch:
+        raise ValueError(f"{op}: spans must hold one list of (start, end) per batch row ({batch}), got {len(spans)}")
+    for b, row in enumerate(spans):
+        previous_end = 0
+        for start, end in sorted(row):
+            if not 0 <= start <= end <= length:
+                raise ValueError(f"{op}: spans[{b}] has ({start}, {end}); expected 0 <= start <= end <= L = {length}")
+            if start < previous_end:
+                raise ValueError(f"{op}: spans[{b}] overlap at ({start}, {end}); expected disjoint spans")
+            previous_end = end
+
+
+def key_ranges(
+    modality: torch.Tensor | None = None,
+    spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+    doc_ids: torch.Tensor | None = None,
+    causal: bool = True,
+    length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key ranges (kv_start, kv_end), int32 [B, L], for span_attention.
+
+    Args:
+        modality: [B, L] integer ids; every maximal run of nonzero ids (image tokens) is one image span.
+        spans: instead of modality, explicit image spans: per batch row a list of (start, end), end exclusive.
+        doc_ids: [B, L] integer document ids for packing; a run of one id is one document, and no query
+            attends outside its document (a span is cut at a document boundary).
+        causal: True: text causal, image tokens see their whole span and the past of their document.
+            False: every token sees its whole document.
+        length: L, needed only when spans alone give the layout.
+
+    Returns:
+        (kv_start, kv_end): query i of row b attends keys kv_start[b, i] <= j < kv_end[b, i].
+    """
+    op = "key_ranges"
+    if modality is not None and spans is not None:
+        raise ValueError(f"{op}: give image spans as modality or as spans, not both")
+    tensors = {"modality": modality, "doc_ids": doc_ids}
+    for name, t in tensors.items():
+        if t is not None:
+            val.check_tensor(op, name, t)
+            val.check_ids(op, name, t)
+            val.check_dim(op, name, t, 2, "[B, L]")
+    shape_source = modality if modality is not None else doc_ids
+    if shape_source is None:
+        if spans is None or length is None:
+            raise ValueError(f"{op}: expected modality or doc_ids [B, L], or spans with length; got neither")
+        _check_spans(op, spans, None, length)
+        return reference.key_ranges(spans=spans, length=length)
+    if modality is not None and doc_ids is not None:
+        val.check_shape(op, "doc_ids", doc_ids, modality.shape, "modality's shape")
+        val.check_same_device(op, "modality", modality, doc_ids=doc_ids)
+    B, L = shape_source.shape
+    if length is not None and length != L:
+        raise ValueError(f"{op}: length must match the layout tensors' L = {L}, got {length}")
+    if spans is not None:
+        _check_spans(op, spans, B, L)
+    return reference.key_ranges(modality=modality, spans=spans, doc_ids=doc_ids, causal=causal)
+
+
+# ------------------------------------------------------------------------------------- span_attention
+
+
+@torch.library.custom_op("fastmm::span_attention", mutates_args=())
+def _span_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels(_FAMILY, "span_attention", q.device).span_attention_fwd(q, k, v, kv_start, kv_end, scale)
+
+
+@_span_attention_op.register_fake
+def _(q, k, v, kv_start, kv_end, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmm::span_attention_backward", mutates_args=())
+def _span_attention_backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    module = kernels(_FAMILY, "span_attention", q.device)
+    backward = getattr(module, "span_attention_bwd", reference.span_attention_bwd)
+    return backward(do, q, k, v, o, lse, kv_start, kv_end, scale)
+
+
+@_span_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, kv_start, kv_end, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _span_attention_setup(ctx, inputs, output):
+    q, k, v, kv_start, kv_end, scale = inputs
+    o, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end)
+
+
+def _span_attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse, kv_start, kv_end = ctx.saved_tensors
+    dq, dk, dv = _span_attention_backward_op(do.contiguous(), q, k, v, o, lse, kv_start, kv_end, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_span_attention_op.register_autograd(_span_attention_backward, setup_context=_span_attention_setup)
+
+
+def _check_qkv(op: str, q, k, v, key_name: str) -> None:
+    for name, t in (("q", q), (key_name, k), (key_name.replace("k", "v", 1), v)):
+        val.check_tensor(op, name, t)
+        val.check_float(op, name, t)
+        val.check_dim(op, name, t, 4, "[B, H, L, d]")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    value_name = key_name.replace("k", "v", 1)
+    val.check_shape(op, value_name, v, k.shape, f"{key_name}'s shape")
+    B, Hq, _, d = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"{op}: {key_name} must have q's batch size {B}, got shape {tuple(k.shape)}")
+    if k.shape[3] != d:
+        raise ValueError(f"{op}: head dim mismatch: q has d = {d}, {key_name} has d = {k.shape[3]}")
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(
+            f"{op}: q's heads Hq = {Hq} must be a multiple of {key_name}'s heads Hkv = {k.shape[1]} (GQA)"
+        )
+    val.check_same_device(op, "q", q, **{key_name: k, value_name: v})
+
+
+def _check_ranges(op: str, kv_start, kv_end, batch: int, length: int, device) -> None:
+    if (kv_start is None) != (kv_end is None):
+        raise ValueError(f"{op}: give both kv_start and kv_end, or neither (causal)")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        val.check_tensor(op, name, t)
+        val.check_ids(op, name, t)
+        val.check_shape(op, name, t, (batch, length), "[B, L]: one key range per query")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}; expected one device")
+    if kv_start.numel() == 0 or not val.values_checkable(kv_start):
+        return
+    lo, hi = int(kv_start.min()), int(kv_end.max())
+    if lo < 0 or hi > length:
+        raise ValueError(f"{op}: key ranges must lie in [0, L = {length}], got kv_start >= {lo}, kv_end <= {hi}")
+    inverted = int((kv_end < kv_start).sum())
+    if inverted:
+        raise ValueError(f"{op}: kv_end must be >= kv_start for every query, got {inverted} queries with kv_end < kv_start")
+
+
+def span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention where query i sees keys kv_start[b, i] <= j < kv_end[b, i] (build them with key_ranges).
+
+    Args:
+        q: [B, Hq, L, d]; k, v: [B, Hkv, L, d] with Hq a multiple of Hkv (GQA); fp32 / fp16 / bf16.
+        kv_start, kv_end: [B, L] integer key ranges; both None means plain causal.
+        scale: softmax scale, default d ** -0.5.
+
+    Returns:
+        [B, Hq, L, d] in q's dtype; a query with an empty range gets zeros. Math in fp32.
+    """
+    op = "span_attention"
+    _check_qkv(op, q, k, v, "k")
+    B, _, L, d = q.shape
+    if k.shape[2] != L:
+        raise ValueError(f"{op}: k must have q's length L = {L} (self-attention), got shape {tuple(k.shape)}")
+    if kv_start is None and kv_end is None:
+        kv_start, kv_end = reference.key_ranges(doc_ids=torch.zeros(B, L, dtype=torch.int32, device=q.device))
+    _check_ranges(op, kv_start, kv_end, B, L, q.device)
+    scale = float(d**-0.5 if scale is None else scale)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), kv_start.int().contiguous(), kv_end.int().contiguous())
+    if use_dispatcher(q, k, v):
+        return _span_attention_op(*args, scale)[0]
+    return kernels(_FAMILY, op, q.device).span_attention_fwd(*args, scale)[0]
+
+
+# ----------------------------------------------------------------------------------- decode_attention
+
+
+@torch.library.custom_op("fastmm::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return kernels(_FAMILY, "decode_attention", q.device).decode_attention_fwd(q, k_cache, v_cache, cache_len, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_len, scale):
+    return torch.empty_like(q)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The newest Lq tokens (already written into the cache) attend the valid part of a static KV cache.
+
+    Args:
+        q: [B, Hq, Lq, d], Lq = 1 for one decode step (a few for speculative / multi-token steps).
+        k_cache, v_cache: [B, Hkv, S, d] static buffers; Hq a multiple of Hkv.
+        cache_len: [B] integer valid lengths on q's device (Lq <= cache_len <= S); query i of row b sees
+            keys j < cache_len[b] - Lq + i + 1. Never read on the host by the kernels (graph-capturable).
+        scale: default d ** -0.5.
+
+    Returns:
+        [B, Hq, Lq, d] in q's dtype.
+    """
+    op = "decode_attention"
+    _check_qkv(op, q, k_cache, v_cache, "k_cache")
+    B, _, Lq, d = q.shape
+    S = k_cache.shape[2]
+    val.check_tensor(op, "cache_len", cache_len)
+    val.check_ids(op, "cache_len", cache_len)
+    val.check_shape(op, "cache_len", cache_len, (B,), "[B]: valid cache length per row")
+    val.check_same_device(op, "q", q, cache_len=cache_len)
+    if cache_len.numel() and val.values_checkable(cache_len):
+        lo, hi = int(cache_len.min()), int(cache_len.max())
+        if lo < Lq or hi > S:
+            raise ValueError(
+                f"{op}: cache_len must be in [Lq = {Lq}, S = {S}] (the queries are the last Lq cached tokens), "
+                f"got values in [{lo}, {hi}]"
+            )
+    scale = float(d**-0.5 if scale is None else scale)
+    args = (q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_len.int().contiguous())
+    if torch.compiler.is_compiling():
+        return _decode_attention_op(*args, scale)
+    return kernels(_FAMILY, op, q.device).decode_attention_fwd(*args, scale)

@@ -1,0 +1,71 @@
+"""A static KV cache: buffers allocated once, written in place, never reallocated while decoding.
+
+    k, v: [layers, B, Hkv, S_max, d]      lengths: [B] int32 on the cache's device
+
+``lengths`` is the number of valid positions per row, read by decode_attention on the device. Writes go to
+positions given on the device too (``lengths`` itself for a decode step), so a decode step needs no host
+sync and can be captured in a CUDA graph. Rows may hold different lengths (batched prompts of different
+sizes, or the conditional and unconditional rows of classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        for name, value in (("num_layers", num_layers), ("batch", batch), ("num_kv_heads", num_kv_heads),
+                            ("max_len", max_len), ("head_dim", head_dim)):  # fmt: skip
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        """Forget every row (the buffers stay allocated)."""
+        self.lengths.zero_()
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) views [B, Hkv, S_max, d] of one layer, for decode_attention."""
+        return self.k[index], self.v[index]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write k, v [B, Hkv, T, d] of ``layer`` at positions[b] + t for t < T (positions [B] on the device).
+
+        Positions are not checked against max_len on CUDA (that would sync the host): the caller keeps
+        positions + T <= max_len, as advance() does for its own lengths. On CPU they are checked."""
+        B, H, T, d = k.shape
+        expected = (self.k.shape[1], self.k.shape[2], self.k.shape[4])
+        if (B, H, d) != expected or v.shape != k.shape:
+            raise ValueError(
+                f"KVCache.write: k and v must be [B, Hkv, T, d] with (B, Hkv, d) = {expected}, "
+                f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        if positions.shape != (B,):
+            raise ValueError(f"KVCache.write: positions must be [B] = ({B},), got {tuple(positions.shape)}")
+        if positions.device.type == "cpu" and int(positions.max()) + T > self.max_len:
+            raise ValueError(f"KVCache.write: positions + T reach {int(positions.max()) + T} > max_len {self.max_len}")
+        index = (positions.long()[:, None] + torch.arange(T, device=positions.device))  # (B, T)
+        index = index[:, None, :, None].expand(B, H, T, d)
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+
+    def advance(self, steps: int | torch.Tensor = 1) -> None:
+        """lengths += steps (an int, or [B] per row), in place on the device."""
+        self.lengths.add_(steps)

@@ -1,0 +1,128 @@
+"""ModalityAttention, the static KVCache, and transformers' attention interface on fastmm attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import backend_cases
+
+import fastmm
+from fastmm.nn import ModalityAttention
+from fastmm.nn.attention import apply_rope, rope_cos_sin
+from fastmm.reference import attention as ref
+from fastmm.runtime import KVCache
+
+
+def _block(seed=0):
+    torch.manual_seed(seed)
+    return ModalityAttention(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16).eval()
+
+
+def _by_hand(block, hidden, modality, positions, kv_start, kv_end):
+    """The same block from torch ops: shared Q, per-modality K / V, Llama RoPE, dense masked attention."""
+    B, L, _ = hidden.shape
+
+    def routed(linear):
+        weight = linear.weight[modality]  # (B, L, N, K)
+        return torch.einsum("blnk,blk->bln", weight, hidden)
+
+    def heads(x, n):
+        return x.view(B, L, n, 16).transpose(1, 2)
+
+    cos, sin = rope_cos_sin(positions, 16, block.rope_theta)
+    q = apply_rope(heads(F.linear(hidden, block.q_proj.weight), 4), cos, sin)
+    k = apply_rope(heads(routed(block.k_proj), 2), cos, sin)
+    v = heads(routed(block.v_proj), 2)
+    out = ref.span_attention(q, k, v, kv_start, kv_end)
+    return F.linear(out.transpose(1, 2).reshape(B, L, 64), block.o_proj.weight)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_modality_attention_prefill_matches_torch(backend, device):
+    block = _block().to(device)
+    modality = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 1, 1, 0]] * 2, device=device)
+    hidden = torch.randn(2, 10, 64, device=device)
+    positions = torch.arange(10, device=device).expand(2, 10)
+    kv_start, kv_end = fastmm.ops.key_ranges(modality=modality)
+    with torch.no_grad(), fastmm.use_backend(backend):
+        out = block(hidden, modality, positions, kv_start, kv_end)
+        expected = _by_hand(block, hidden, modality, positions, kv_start, kv_end)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_modality_attention_decode_equals_prefill(backend, device):
+    """Prefill 6 tokens into a cache, then decode 4 one at a time: each equals the matching row of one causal
+    prefill over all 10 tokens."""
+    block = _block(1).to(device)
+    L, prompt = 10, 6
+    hidden = torch.randn(1, L, 64, device=device)
+    modality = torch.tensor([[0, 1, 1, 0, 0, 0, 1, 1, 1, 1]], device=device)
+    positions = torch.arange(L, device=device)[None]
+    cache = KVCache(num_layers=1, batch=1, num_kv_heads=2, max_len=16, head_dim=16, device=device)
+    with torch.no_grad(), fastmm.use_backend(backend):
+        full = block(hidden, modality, positions)
+        outs = [block(hidden[:, :prompt], modality[:, :prompt], positions[:, :prompt], cache=cache)]
+        cache.advance(prompt)
+        for t in range(prompt, L):
+            outs.append(block(hidden[:, t : t + 1], modality[:, t : t + 1], positions[:, t : t + 1], cache=cache))
+            cache.advance(1)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert cache.lengths.tolist() == [L]
+
+
+def test_kv_cache_writes_rows_at_their_own_positions():
+    cache = KVCache(num_layers=2, batch=2, num_kv_heads=1, max_len=8, head_dim=3)
+    k = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    cache.write(1, k, -k, torch.tensor([0, 5]))
+    assert torch.equal(cache.k[1, 0, :, 0:2], k[0]) and torch.equal(cache.k[1, 1, :, 5:7], k[1])
+    assert torch.equal(cache.v[1, 1, :, 5:7], -k[1]) and cache.k[0].eq(0).all()
+    with pytest.raises(ValueError, match="max_len 8"):
+        cache.write(0, k, k, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"\(B, Hkv, d\) = \(2, 1, 3\)"):
+        cache.write(0, k[..., :2], k[..., :2], torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="max_len must be a positive int"):
+        KVCache(1, 1, 1, 0, 4)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_transformers_llama_with_fastmm_attention(backend, device):
+    """A tiny random Llama (GQA, left padding in one row) gives eager's logits and greedy tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastmm.integrations import register_with_transformers
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(config).eval().to(device)
+    ids = torch.randint(0, 97, (2, 11), device=device)
+    mask = torch.ones(2, 11, dtype=torch.long, device=device)
+    mask[1, :3] = 0
+
+    def run(implementation):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        return logits, tokens
+
+    eager_logits, eager_tokens = run("eager")
+    with fastmm.use_backend(backend):
+        logits, tokens = run(register_with_transformers())
+    torch.testing.assert_close(logits[0], eager_logits[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1, 3:], eager_logits[1, 3:], rtol=1e-4, atol=1e-4)  # past the padding
+    torch.testing.assert_close(tokens, eager_tokens)
+
+
+def test_ranges_from_mask_rejects_holes():
+    from fastmm.integrations import ranges_from_mask
+
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 2, 1] = False
+    with pytest.raises(ValueError, match="contiguous key range"):
+        ranges_from_mask(mask, 1, 3, 3, torch.device("cpu"))
