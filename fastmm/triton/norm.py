@@ -26,7 +26,6 @@ Rows wider than MAX_D do not fit in registers: the four norm entry points then r
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
@@ -35,6 +34,7 @@ import triton.language as tl
 
 from fastmm import backend
 from fastmm.reference import norm as reference
+from fastmm.triton._shared import TRITON_DTYPE, aot_signature, cast, dot, num_sms
 from fastmm.triton.aot import AotConfig, register_aot
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
 MAX_D = 8192
 _MIN_BLOCK_D = 128  # smaller rows still get one warp's worth of lanes: one compiled variant, not eight
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,14 +80,6 @@ _NORM_BLOCKS = tuple(_norm_block(1 << p) for p in range(7, MAX_D.bit_length())) 
 _NORM_STAGES = 1
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 under the interpreter (CPU tensors)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _row_split(T: int, num_warps: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows_per_program) of the persistent backward grid: contiguous row runs, none empty.
 
@@ -96,48 +87,9 @@ def _row_split(T: int, num_warps: int, device: torch.device) -> tuple[int, int]:
     dweight buffer stays near num_SMs * 16 * 256 * M * 4 bytes whatever D is (4.3 MB on an H100, M = 2).
     Under the interpreter: 4 programs, so the row loop and the modality flushes run.
     """
-    programs = _num_sms(device) * max(16 // num_warps, 1) if device.type == "cuda" else 4
+    programs = num_sms(device) * max(16 // num_warps, 1) if device.type == "cuda" else 4
     rows_per_program = triton.cdiv(T, min(T, programs))
     return triton.cdiv(T, rows_per_program), rows_per_program
-
-
-# Under TRITON_INTERPRET=1 (CPU tensors), triton 3.9's interpreter truncates fp32 -> bf16 casts instead of
-# rounding to nearest even, and multiplies bf16 tiles in tl.dot as their raw uint16 bits. The helpers below
-# correct for both, in branches the GPU compiler never sees (this flag is False there).
-_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """fp32 x cast to ``dtype`` with round-to-nearest-even, as on the GPU."""
-    if _INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16  # round the low 16 bits away (ties to even)
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc):
-    """acc + a @ b with fp32 accumulation.
-
-    fp32 inputs use tf32x3 (three TF32 tensor-core products: error about that of fp32 accumulation), a
-    deliberate choice over "ieee", whose FMA tiles spill registers at every useful tile size and run far
-    below tensor-core rate. The interpreter multiplies in exact fp32 (fp16 / bf16 products are exact in fp32).
-    """
-    if _INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="tf32x3")
-    return tl.dot(a, b, acc)
-
-
-def _signature(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = ()) -> dict:
-    """AOT signature of ``kernel``: pointers as given, constexprs, ``floats`` fp32, any other argument i32."""
-    return {
-        name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
-        for name in kernel.arg_names
-    }
 
 
 def _aligned_ints(signature: dict) -> tuple[str, ...]:
@@ -186,7 +138,7 @@ def _norm_fwd_kernel(
     if HAS_RESIDUAL:
         residual = tl.load(RESIDUAL + row * stride_res_t + cols, mask=mask, other=0.0)
         # Round the sum to the input dtype, as an unfused pipeline would, and hand it back.
-        s = _cast(s.to(tl.float32) + residual.to(tl.float32), s.dtype)
+        s = cast(s.to(tl.float32) + residual.to(tl.float32), s.dtype)
         tl.store(RESIDUAL_OUT + row * stride_res_out_t + cols, s, mask=mask)
     s = s.to(tl.float32)
 
@@ -204,7 +156,7 @@ def _norm_fwd_kernel(
     y = centered * rstd * w
     if HAS_BIAS:
         y += tl.load(B + m * stride_b_m + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y_t + cols, _cast(y, Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y_t + cols, cast(y, Y.dtype.element_ty), mask=mask)
 
 
 def _norm_fwd(x, modality, weight, bias, residual, eps, is_rms):
@@ -338,7 +290,7 @@ def _norm_bwd_kernel(
         dx *= rstd
         if HAS_DRESIDUAL:
             dx += tl.load(DRESIDUAL_OUT + row * stride_dres_t + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx_t + cols, _cast(dx, DX.dtype.element_ty), mask=mask)
+        tl.store(DX + row * stride_dx_t + cols, cast(dx, DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         if HAS_BIAS:
             db += dy
@@ -574,7 +526,7 @@ def _routed_linear_kernel(
         k_mask = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-        acc = _dot(x, w, acc)
+        acc = dot(x, w, acc)
         x_ptrs += BLOCK_K * stride_x_k
         w_ptrs += BLOCK_K * stride_w_k
 
@@ -582,7 +534,7 @@ def _routed_linear_kernel(
         bias = tl.load(B + m * stride_b_m + offs_n * stride_b_n, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = Y + rows[:, None] * stride_y_t + offs_n[None, :] * stride_y_n
-    tl.store(y_ptrs, _cast(acc, Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, cast(acc, Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 def _grouped_gemm(x, perm, offsets, w, w_strides, bias, N, M):
@@ -702,7 +654,7 @@ def _routed_linear_dweight_kernel(
                 X + rows[:, None] * stride_x_t + offs_k[None, :] * stride_x_k,
                 mask=t_mask[:, None] & k_mask[None, :], other=0.0,
             )  # [BLOCK_T, BLOCK_K]  # fmt: skip
-            acc = _dot(tl.trans(dy), x, acc)
+            acc = dot(tl.trans(dy), x, acc)
         if HAS_BIAS:
             db += tl.sum(dy.to(tl.float32), axis=0)
 
@@ -773,7 +725,7 @@ def _norm_aot_configs(kernel, backward: bool) -> list[AotConfig]:
     minus a load or two). The modality stride is constexpr 1, as the JIT specializes it."""
     residual_flag = "HAS_DRESIDUAL" if backward else "HAS_RESIDUAL"
     configs = []
-    blocks = itertools.product(_TRITON_DTYPE.values(), _NORM_BLOCKS, (True, False))
+    blocks = itertools.product(TRITON_DTYPE.values(), _NORM_BLOCKS, (True, False))
     for dtype, (block_d, num_warps), is_rms in blocks:
         constexprs = {"IS_RMS": is_rms, residual_flag: True, "HAS_BIAS": not is_rms, "BLOCK_D": block_d}
         constexprs["stride_mod_t"] = 1
@@ -782,7 +734,7 @@ def _norm_aot_configs(kernel, backward: bool) -> list[AotConfig]:
         pointers |= {name: "*fp32" for name in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")}
         norm = "rms" if is_rms else "layer+bias"
         label = f"{dtype} {norm} +{residual_flag[4:].lower()} BLOCK_D={block_d} w{num_warps}"
-        signature = _signature(kernel, pointers, constexprs, floats=("eps",))
+        signature = aot_signature(kernel, pointers, constexprs, floats=("eps",))
         configs.append(
             AotConfig(label, signature, constexprs, num_warps, _NORM_STAGES, _aligned_ints(signature))
         )
@@ -799,14 +751,14 @@ def _routed_aot_configs() -> list[AotConfig]:
         "dx": ({"HAS_BIAS": False, "stride_w_n": 1}),
     }
     configs = []
-    for (torch_dtype, dtype), (variant, flags) in itertools.product(_TRITON_DTYPE.items(), variants.items()):
+    for (torch_dtype, dtype), (variant, flags) in itertools.product(TRITON_DTYPE.items(), variants.items()):
         for cfg in _ROUTED_CONFIGS[torch_dtype.itemsize]:
             constexprs = {"stride_x_k": 1, "stride_y_n": 1, **flags, **cfg.kwargs}
             pointers = {name: f"*{dtype}" for name in ("X", "W", "B", "Y")}
             pointers |= {"PERM": "*i32", "OFFSETS": "*i32"}
             tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             label = f"{dtype} {variant} {tile} w{cfg.num_warps} s{cfg.num_stages}"
-            signature = _signature(kernel, pointers, constexprs)
+            signature = aot_signature(kernel, pointers, constexprs)
             configs.append(
                 AotConfig(label, signature, constexprs, cfg.num_warps, cfg.num_stages, _aligned_ints(signature))
             )
@@ -816,7 +768,7 @@ def _routed_aot_configs() -> list[AotConfig]:
 def _dweight_aot_configs() -> list[AotConfig]:
     kernel = _routed_linear_dweight_kernel.fn
     configs = []
-    for torch_dtype, dtype in _TRITON_DTYPE.items():
+    for torch_dtype, dtype in TRITON_DTYPE.items():
         pointers = {"DY": f"*{dtype}", "X": f"*{dtype}", "PERM": "*i32", "OFFSETS": "*i32"}
         pointers |= {"DW": "*fp32", "DB": "*fp32"}
         unit = {"stride_dy_n": 1, "stride_x_k": 1, "stride_dw_k": 1, "stride_db_n": 1}
@@ -828,7 +780,7 @@ def _dweight_aot_configs() -> list[AotConfig]:
             tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_N", "BLOCK_K", "BLOCK_T"))
             outputs = "dweight+dbias" if need_dw else "dbias"
             label = f"{dtype} {outputs} {tile} w{cfg.num_warps} s{cfg.num_stages}"
-            signature = _signature(kernel, pointers, constexprs)
+            signature = aot_signature(kernel, pointers, constexprs)
             configs.append(
                 AotConfig(label, signature, constexprs, cfg.num_warps, cfg.num_stages, _aligned_ints(signature))
             )
@@ -843,7 +795,7 @@ register_aot(
     [
         AotConfig(
             f"BLOCK={_ROUTE_BLOCK}",
-            _signature(
+            aot_signature(
                 _route_rows_kernel, {"MODALITY": "*i64", "PERM": "*i32", "OFFSETS": "*i32"}, _ROUTE_CONSTEXPRS
             ),
             _ROUTE_CONSTEXPRS,
