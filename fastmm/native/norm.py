@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from fastmm import _C
+from fastmm.native._shared import DTYPE_CODE
 
-# fastmm::DType codes (csrc/common.h).
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -65,7 +64,7 @@ def rms_norm_fwd(
     if T:
         _C.rms_norm_fwd(
             x.data_ptr(), modality.data_ptr(), weight.data_ptr(), _ptr(residual), y.data_ptr(),
-            _ptr(residual_out), rstd.data_ptr(), T, D, eps, _DTYPE_CODE[x.dtype], torch.get_num_threads(),
+            _ptr(residual_out), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype], torch.get_num_threads(),
         )  # fmt: skip
     return y, residual_out, rstd
 
@@ -94,7 +93,7 @@ def rms_norm_bwd(
     if T:
         _C.rms_norm_bwd(
             dy.data_ptr(), _ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
-            rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), T, D, M, _DTYPE_CODE[x_in.dtype],
+            rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), T, D, M, DTYPE_CODE[x_in.dtype],
             torch.get_num_threads(),
         )  # fmt: skip
     return dx, dweight
@@ -124,7 +123,7 @@ def layer_norm_fwd(
     if T:
         _C.layer_norm_fwd(
             x.data_ptr(), modality.data_ptr(), weight.data_ptr(), _ptr(bias), _ptr(residual), y.data_ptr(),
-            _ptr(residual_out), mean.data_ptr(), rstd.data_ptr(), T, D, eps, _DTYPE_CODE[x.dtype],
+            _ptr(residual_out), mean.data_ptr(), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype],
             torch.get_num_threads(),
         )  # fmt: skip
     return y, residual_out, mean, rstd
@@ -158,7 +157,7 @@ def layer_norm_bwd(
         _C.layer_norm_bwd(
             dy.data_ptr(), _ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
             mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), _ptr(dbias), T, D, M,
-            _DTYPE_CODE[x_in.dtype], torch.get_num_threads(),
+            DTYPE_CODE[x_in.dtype], torch.get_num_threads(),
         )  # fmt: skip
     return dx, dweight, dbias
 
