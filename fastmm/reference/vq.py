@@ -45,7 +45,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Ten
     step = max(1, _CHUNK_SCORES // max(1, codebook.shape[0]))
     for start in range(0, B * S, step):
         scores = torch.addmm(codebook_sq[None, :], rows[start : start + step].float(), codes_t, alpha=-2.0)
-        indices[start : start + step] = scores.nan_to_num_(nan=float("inf")).argmin(dim=1)
+        indices[start : start + step] = scores.masked_fill_(scores.isnan(), float("inf")).argmin(dim=1)
     return indices.view(B, S)
 
 
