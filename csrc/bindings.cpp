@@ -4,7 +4,9 @@
 
 #include <cstdint>
 
+#include "attention.h"
 #include "norm.h"
+#include "vq.h"
 
 namespace py = pybind11;
 
@@ -75,4 +77,44 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dy"), py::arg("dresidual_out"), py::arg("x"), py::arg("modality"), py::arg("weight"),
       py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("rows"),
       py::arg("dim"), py::arg("num_modalities"), py::arg("dtype"), py::arg("num_threads"), Release());
+
+  m.def(
+      "nearest_code",
+      [](uintptr_t z, int64_t batch, int64_t seq, int64_t dim, int64_t stride_batch, int64_t stride_seq,
+         int64_t stride_dim, uintptr_t codebook, uintptr_t codebook_sq, int64_t num_codes, uintptr_t indices,
+         int dtype, int num_threads) {
+        fastmm::nearest_code(ptr<const void>(z), batch, seq, dim, stride_batch, stride_seq, stride_dim,
+                             ptr<const void>(codebook), ptr<const float>(codebook_sq), num_codes,
+                             ptr<int64_t>(indices), dtype, num_threads);
+      },
+      py::arg("z"), py::arg("batch"), py::arg("seq"), py::arg("dim"), py::arg("stride_batch"),
+      py::arg("stride_seq"), py::arg("stride_dim"), py::arg("codebook"), py::arg("codebook_sq"),
+      py::arg("num_codes"), py::arg("indices"), py::arg("dtype"), py::arg("num_threads"), Release());
+
+  m.def(
+      "span_attention_fwd",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start, uintptr_t kv_end, uintptr_t o, uintptr_t lse,
+         int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length, int64_t head_dim, double scale, int dtype,
+         int num_threads) {
+        fastmm::span_attention_fwd(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                                   ptr<const int32_t>(kv_start), ptr<const int32_t>(kv_end), ptr<void>(o),
+                                   ptr<float>(lse), batch, q_heads, kv_heads, length, head_dim, scale, dtype,
+                                   num_threads);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_start"), py::arg("kv_end"), py::arg("o"),
+      py::arg("lse"), py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("length"),
+      py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("num_threads"), Release());
+
+  m.def(
+      "decode_attention_fwd",
+      [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_len, uintptr_t o, int64_t batch,
+         int64_t q_heads, int64_t kv_heads, int64_t num_queries, int64_t cache_size, int64_t head_dim, double scale,
+         int dtype, int num_threads) {
+        fastmm::decode_attention_fwd(ptr<const void>(q), ptr<const void>(k_cache), ptr<const void>(v_cache),
+                                     ptr<const int32_t>(cache_len), ptr<void>(o), batch, q_heads, kv_heads,
+                                     num_queries, cache_size, head_dim, scale, dtype, num_threads);
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_len"), py::arg("o"), py::arg("batch"),
+      py::arg("q_heads"), py::arg("kv_heads"), py::arg("num_queries"), py::arg("cache_size"), py::arg("head_dim"),
+      py::arg("scale"), py::arg("dtype"), py::arg("num_threads"), Release());
 }

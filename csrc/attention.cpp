@@ -1,0 +1,727 @@
+// attention family: span attention (one key range per query) and decode attention over a static KV cache.
+//
+// Span attention is flash attention on the CPU. A work item is one (batch row, kv head, query tile); its
+// query tile holds the tile's queries for all G = Hq / Hkv query heads of the kv head (GQA), so each K/V tile
+// is read once for the whole group. The item walks the keys that any of its queries may attend, in tiles of
+// kKeyTile, keeping an online softmax in fp32:
+//
+//   skipped  keys outside [min kv_start, max kv_end) of the tile's queries are never visited;
+//   plain    tiles inside every query's range take no mask;
+//   masked   the rest compare each key with each query's range.
+//
+// Queries sit in vector lanes: a "panel" is 16 queries of one head, and everything per query (the running
+// max and sum, the range, the output) is a 16-lane vector. Both products then are rank-1 updates of panels by
+// broadcast scalars, read straight from K and V in their row-major layout (no transpose of K):
+//
+//   scores[j][p] = sum_c K[j][c] * Qt[c][p]       Qt: queries transposed, pre-scaled by scale * log2(e)
+//   Ot[c][p]     = alpha[p] * Ot[c][p] + sum_j V[j][c] * P[j][p]
+//
+// One micro-kernel (panel_product) serves both: a register block of 6 scalars x 4 panels, 24 accumulators,
+// 4 vector loads and 6 broadcasts per 24 FMAs. The row max over keys is a lane-wise max over rows, so the
+// softmax needs no horizontal reductions. Scores live in log2 units, so exp is exp2.
+//
+// Decode attention has one or a few queries per head: queries in lanes would leave 15 of 16 lanes idle, so it
+// puts 16 keys in the lanes instead, and streams the cache once (the work is memory-bound). When batch x
+// kv_heads gives the threads too few items, the cache is split into chunks whose partial results (unnormalized
+// output, max, sum) are merged by log-sum-exp afterwards (flash-decoding).
+#include <array>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "attention.h"
+#include "common.h"
+
+namespace fastmm {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- lanes ------------------------------------------------------------------------------------------------
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// GCC 12's intrinsic headers trip -W(maybe-)uninitialized on their own _mm512_undefined_ps (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+inline f32x16 splat(float v) { return _mm512_set1_ps(v); }
+
+inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
+
+// 2^x: x = n + f with n an integer and |f| <= 1/2, 2^f by a degree-6 polynomial (relative error 2e-9, so the
+// result is within about 1 ulp), times 2^n by vscalefps. Below -150 every result rounds to 0; clamping there
+// turns -inf (a masked score) into 0 instead of NaN. vmaxps returns its second operand when one is NaN, so a
+// NaN stays NaN.
+inline f32x16 exp2_lanes(f32x16 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
+  const f32x16 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const f32x16 f = x - whole;
+  f32x16 p = splat(0x1.41a6fep-13f);
+  p = fma_lanes(p, f, splat(0x1.5f44f0p-10f));
+  p = fma_lanes(p, f, splat(0x1.3b2dfep-7f));
+  p = fma_lanes(p, f, splat(0x1.c6aed6p-5f));
+  p = fma_lanes(p, f, splat(0x1.ebfbdap-3f));
+  p = fma_lanes(p, f, splat(0x1.62e430p-1f));
+  p = fma_lanes(p, f, splat(1.f));
+  return _mm512_scalef_ps(p, whole);
+}
+
+inline float lane_max(f32x16 v) { return _mm512_reduce_max_ps(v); }
+
+// out[j] = sum of the lanes of v[j]: four rounds of shuffles that each halve the partial sums per vector
+// while doubling the vectors per register, 15 shuffle pairs and adds instead of 16 separate reductions. They
+// leave key j = q + 4 t in lane 4 q + t, so a final permutation (a 4 x 4 transpose) puts key j in lane j.
+inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
+  __m512 halves[8], quarters[4], eighths[2];
+  for (int i = 0; i < 8; ++i) {
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                              _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+  }
+  for (int i = 0; i < 4; ++i) {
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xdd));
+  }
+  for (int i = 0; i < 2; ++i) {
+    eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(eighths[0], eighths[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i key_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(key_order, sums);
+}
+#pragma GCC diagnostic pop
+#else
+// The same operations lane by lane, for builds without AVX-512 (std::fma rounds once, like vfmadd).
+inline f32x16 splat(float v) { return f32x16{} + v; }
+
+inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) {
+  for (int i = 0; i < kBlock; ++i) c[i] = std::fma(a[i], b[i], c[i]);
+  return c;
+}
+
+inline f32x16 exp2_lanes(f32x16 x) {
+  for (int i = 0; i < kBlock; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+
+inline float lane_max(f32x16 v) {
+  float m = v[0];
+  for (int i = 1; i < kBlock; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
+  f32x16 out;
+  for (int j = 0; j < kBlock; ++j) out[j] = lane_sum(v[j]);
+  return out;
+}
+#endif
+
+// Lane-wise max; a NaN in v is dropped here and propagates through exp2(v - max) instead.
+inline f32x16 max_lanes(f32x16 v, f32x16 running) { return v > running ? v : running; }
+
+// v where first <= j < last lane by lane, -inf elsewhere.
+inline f32x16 mask_outside(f32x16 v, int32_t j, i32x16 first, i32x16 last) {
+  const i32x16 key = i32x16{} + j;
+  return (key >= first) & (key < last) ? v : splat(-kInf);
+}
+
+// v in lanes below n, -inf above.
+inline f32x16 mask_lanes_from(f32x16 v, int64_t n) {
+  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return lane < static_cast<int32_t>(n) ? v : splat(-kInf);
+}
+
+// A running max of -inf (nothing attended yet) is used as 0 so that exp2(score - max) stays 0, not NaN.
+inline f32x16 finite_or_zero(f32x16 running_max) { return running_max == -kInf ? f32x16{} : running_max; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- panel product ----------------------------------------------------------------------------------------
+
+// c[r][p] = (rescale ? c[r][p] * rescale[p] : 0) + sum over k of a[r][k] * b[k][p], for rows r < rows and
+// panels p < panels; a holds scalars (broadcast to all lanes), b and c 16-lane vectors.
+struct PanelProduct {
+  const float* a;  // a[r][k] at a[r * a_row + k * a_k]
+  int64_t a_row, a_k;
+  const f32x16* b;  // [depth][b_stride]: b[k][p] at b[k * b_stride + p]
+  int64_t b_stride;
+  f32x16* c;  // [rows][c_stride]: c[r][p] at c[r * c_stride + p]
+  int64_t c_stride;
+  const f32x16* rescale;  // [panels] or null
+  int64_t rows, panels, depth;
+};
+
+constexpr int kBlockRows = 6;
+constexpr int kBlockPanels = 4;
+
+// One register block of R rows x P panels at (r0, p0): R * P accumulators stay in registers over the whole
+// depth; each k loads P vectors of b and broadcasts R scalars of a.
+template <int R, int P>
+void product_block(const PanelProduct& g, int64_t r0, int64_t p0) {
+  f32x16 acc[R][P];
+  for (int i = 0; i < R; ++i) {
+    for (int p = 0; p < P; ++p) {
+      acc[i][p] = g.rescale ? g.c[(r0 + i) * g.c_stride + p0 + p] * g.rescale[p0 + p] : f32x16{};
+    }
+  }
+  const float* a = g.a + r0 * g.a_row;
+  const f32x16* b = g.b + p0;
+  for (int64_t k = 0; k < g.depth; ++k, a += g.a_k, b += g.b_stride) {
+    f32x16 bk[P];
+    for (int p = 0; p < P; ++p) bk[p] = b[p];
+    for (int i = 0; i < R; ++i) {
+      const f32x16 ai = splat(a[i * g.a_row]);
+      for (int p = 0; p < P; ++p) acc[i][p] = fma_lanes(ai, bk[p], acc[i][p]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int p = 0; p < P; ++p) g.c[(r0 + i) * g.c_stride + p0 + p] = acc[i][p];
+  }
+}
+
+using BlockKernel = void (*)(const PanelProduct&, int64_t, int64_t);
+
+template <int R>
+constexpr std::array<BlockKernel, kBlockPanels> blocks_of_rows() {
+  return {product_block<R, 1>, product_block<R, 2>, product_block<R, 3>, product_block<R, 4>};
+}
+
+// kBlockKernels[R - 1][P - 1]: the full block and every remainder shape.
+constexpr std::array<std::array<BlockKernel, kBlockPanels>, kBlockRows> kBlockKernels = {
+    blocks_of_rows<1>(), blocks_of_rows<2>(), blocks_of_rows<3>(),
+    blocks_of_rows<4>(), blocks_of_rows<5>(), blocks_of_rows<6>()};
+
+void panel_product(const PanelProduct& g) {
+  for (int64_t p0 = 0; p0 < g.panels; p0 += kBlockPanels) {
+    const int64_t panels = std::min<int64_t>(kBlockPanels, g.panels - p0);
+    for (int64_t r0 = 0; r0 < g.rows; r0 += kBlockRows) {
+      const int64_t rows = std::min<int64_t>(kBlockRows, g.rows - r0);
+      kBlockKernels[rows - 1][panels - 1](g, r0, p0);
+    }
+  }
+}
+
+// ---- span attention: tiles --------------------------------------------------------------------------------
+
+// Keys per key tile: at d = 128 the tile's fp32 K and V rows (64 KiB each) and scores (32 KiB) stay in L2.
+// 128 measured a few percent faster than 64 (fewer softmax passes and calls); the last tile of a causal row
+// wastes no more, as the walk ends at the tile's largest kv_end.
+constexpr int64_t kKeyTile = 128;
+// Query rows (heads x queries) per query tile: 4 panels, the register block's width.
+constexpr int64_t kTileRows = kBlockPanels * kBlock;
+
+// Queries [begin, begin + count) of one batch row, and the extremes of their key ranges.
+struct QueryTile {
+  int64_t begin, count;
+  int32_t min_start, max_start, min_end, max_end;
+
+  // Keys some query of the tile attends lie in [min_start, max_end); none when that is empty.
+  int64_t keys() const { return std::max<int64_t>(0, max_end - min_start); }
+  // Keys [lo, hi) need no mask when they lie inside every query's range.
+  bool inside_every_range(int64_t lo, int64_t hi) const { return max_start <= lo && hi <= min_end; }
+};
+
+struct SpanArgs {
+  const void* q;           // [batch, q_heads, length, dim]
+  const void* k;           // [batch, kv_heads, length, dim]
+  const void* v;           // [batch, kv_heads, length, dim]
+  const int32_t* kv_start;  // [batch, length]
+  const int32_t* kv_end;    // [batch, length]
+  void* o;                 // [batch, q_heads, length, dim]
+  float* lse;              // [batch, q_heads, length]
+  int64_t batch, q_heads, kv_heads, length, dim;
+  float scale;
+};
+
+// Queries per tile and head: kTileRows shared by the group's heads, whole panels, at least one panel.
+int64_t queries_per_tile(int64_t group) { return std::max<int64_t>(1, kTileRows / group / kBlock) * kBlock; }
+
+std::vector<QueryTile> query_tiles(const SpanArgs& a, int64_t tile_queries) {
+  const int64_t tiles_per_row = ceil_div(a.length, tile_queries);
+  std::vector<QueryTile> tiles(a.batch * tiles_per_row);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    for (int64_t t = 0; t < tiles_per_row; ++t) {
+      QueryTile& tile = tiles[b * tiles_per_row + t];
+      tile.begin = t * tile_queries;
+      tile.count = std::min(tile_queries, a.length - tile.begin);
+      const int32_t* start = a.kv_start + b * a.length + tile.begin;
+      const int32_t* end = a.kv_end + b * a.length + tile.begin;
+      tile.min_start = *std::min_element(start, start + tile.count);
+      tile.max_start = *std::max_element(start, start + tile.count);
+      tile.min_end = *std::min_element(end, end + tile.count);
+      tile.max_end = *std::max_element(end, end + tile.count);
+    }
+  }
+  return tiles;
+}
+
+// Per-thread buffers of one work item, reused across items. Vectors of f32x16 are 64-byte aligned.
+struct SpanWorkspace {
+  std::vector<f32x16> queries;    // [dim][panels]: Qt, scaled by scale * log2(e); padding lanes 0
+  std::vector<f32x16> out;        // [dim][panels]: Ot, unnormalized
+  std::vector<f32x16> scores;     // [kKeyTile][panels]: scores, then probabilities
+  std::vector<f32x16> row_max;    // [panels], log2 units
+  std::vector<f32x16> row_sum;    // [panels]
+  std::vector<f32x16> rescale;    // [panels]: exp2(previous max - new max)
+  std::vector<i32x16> first_key;  // [panels]: kv_start of each lane's query
+  std::vector<i32x16> last_key;   // [panels]: kv_end
+  std::vector<float> keys, values;  // [kKeyTile][dim]: fp32 copies of 16-bit K and V tiles
+  std::vector<float> row;           // [dim]: one output row on its way out
+
+  SpanWorkspace(int64_t dim, int64_t panels)
+      : queries(dim * panels), out(dim * panels), scores(kKeyTile * panels), row_max(panels),
+        row_sum(panels), rescale(panels), first_key(panels), last_key(panels), keys(kKeyTile * dim),
+        values(kKeyTile * dim), row(dim) {}
+};
+
+// Rows [first, first + count) of a [length][dim] K or V head as fp32: the rows themselves for fp32, else a
+// converted copy in buffer.
+const float* rows_as_float(const float* src, int64_t first, int64_t, int64_t dim, std::vector<float>&) {
+  return src + first * dim;
+}
+
+template <typename T>
+const float* rows_as_float(const T* src, int64_t first, int64_t count, int64_t dim, std::vector<float>& buffer) {
+  const T* rows = src + first * dim;
+  for_each_block(count * dim, [&](int64_t j, auto n) { store_block(buffer.data() + j, load_block(rows + j, n), n); });
+  return buffer.data();
+}
+
+// ---- span attention: one work item ------------------------------------------------------------------------
+
+// One (batch row, kv head, query tile). Panel p = g * chunks + c holds queries [16 c, 16 c + 16) of the tile
+// for query head kv_head * group + g.
+template <typename T>
+class SpanItem {
+ public:
+  SpanItem(const SpanArgs& a, SpanWorkspace& ws, const QueryTile& tile, int64_t batch_row, int64_t kv_head)
+      : a_(a), ws_(ws), tile_(tile), b_(batch_row), kv_head_(kv_head), group_(a.q_heads / a.kv_heads),
+        chunks_(ceil_div(tile.count, kBlock)), panels_(group_ * chunks_) {}
+
+  void run() {
+    load_queries();
+    const int64_t head_offset = (b_ * a_.kv_heads + kv_head_) * a_.length * a_.dim;
+    const T* k = static_cast<const T*>(a_.k) + head_offset;
+    const T* v = static_cast<const T*>(a_.v) + head_offset;
+    for (int64_t lo = tile_.min_start; lo < tile_.max_end; lo += kKeyTile) {
+      const int64_t count = std::min<int64_t>(kKeyTile, tile_.max_end - lo);
+      const float* keys = rows_as_float(k, lo, count, a_.dim, ws_.keys);
+      const float* values = rows_as_float(v, lo, count, a_.dim, ws_.values);
+      key_tile(keys, values, lo, count);
+    }
+    store_outputs();
+  }
+
+ private:
+  int64_t query_row(int64_t g, int64_t query) const {
+    return (b_ * a_.q_heads + kv_head_ * group_ + g) * a_.length + tile_.begin + query;
+  }
+
+  // Qt for every panel, zero running statistics and output; lanes past the tile's queries hold zero queries
+  // with an empty range and are never stored.
+  void load_queries() {
+    const T* q = static_cast<const T*>(a_.q);
+    const float q_scale = a_.scale * kLog2e;
+    std::fill_n(ws_.queries.begin(), a_.dim * panels_, f32x16{});
+    std::fill_n(ws_.out.begin(), a_.dim * panels_, f32x16{});
+    for (int64_t p = 0; p < panels_; ++p) {
+      const int64_t g = p / chunks_, chunk = p % chunks_;
+      const int64_t lanes = std::min<int64_t>(kBlock, tile_.count - chunk * kBlock);
+      ws_.row_max[p] = splat(-kInf);
+      ws_.row_sum[p] = f32x16{};
+      ws_.first_key[p] = i32x16{};
+      ws_.last_key[p] = i32x16{};
+      for (int64_t t = 0; t < lanes; ++t) {
+        const int64_t query = chunk * kBlock + t;
+        const int64_t range = b_ * a_.length + tile_.begin + query;
+        ws_.first_key[p][t] = a_.kv_start[range];
+        ws_.last_key[p][t] = a_.kv_end[range];
+        const T* src = q + query_row(g, query) * a_.dim;
+        float* row = ws_.row.data();
+        for_each_block(a_.dim, [=](int64_t c, auto n) { store_block(row + c, load_block(src + c, n) * q_scale, n); });
+        for (int64_t c = 0; c < a_.dim; ++c) ws_.queries[c * panels_ + p][t] = row[c];
+      }
+    }
+  }
+
+  // Keys [lo, lo + count), rows of keys and values (fp32, [count][dim]).
+  void key_tile(const float* keys, const float* values, int64_t lo, int64_t count) {
+    f32x16* scores = ws_.scores.data();
+    panel_product({keys, a_.dim, 1, ws_.queries.data(), panels_, scores, panels_, nullptr, count, panels_,
+                   a_.dim});
+    const bool masked = !tile_.inside_every_range(lo, lo + count);
+    for (int64_t p = 0; p < panels_; ++p) softmax_panel(p, lo, count, masked);
+    panel_product({values, 1, a_.dim, scores, panels_, ws_.out.data(), panels_, ws_.rescale.data(), a_.dim,
+                   panels_, count});
+  }
+
+  // Online softmax of panel p over the tile's scores: masks them if needed, turns them into exp2(score - new
+  // max), and updates the running max and sum; rescale[p] is what the output accumulated so far must be
+  // multiplied by.
+  void softmax_panel(int64_t p, int64_t lo, int64_t count, bool masked) {
+    f32x16* scores = ws_.scores.data() + p;
+    const int64_t stride = panels_;
+    f32x16 new_max = ws_.row_max[p];
+    if (masked) {
+      for (int64_t j = 0; j < count; ++j) {
+        f32x16& s = scores[j * stride];
+        s = mask_outside(s, static_cast<int32_t>(lo + j), ws_.first_key[p], ws_.last_key[p]);
+        new_max = max_lanes(s, new_max);
+      }
+    } else {
+      for (int64_t j = 0; j < count; ++j) new_max = max_lanes(scores[j * stride], new_max);
+    }
+    const f32x16 shift = finite_or_zero(new_max);
+    f32x16 sum = {};
+    for (int64_t j = 0; j < count; ++j) {
+      f32x16& s = scores[j * stride];
+      s = exp2_lanes(s - shift);
+      sum += s;
+    }
+    ws_.rescale[p] = exp2_lanes(ws_.row_max[p] - shift);
+    ws_.row_sum[p] = ws_.row_sum[p] * ws_.rescale[p] + sum;
+    ws_.row_max[p] = new_max;
+  }
+
+  // o = Ot / sum (0 for an empty range) and lse = (max + log2(sum)) * ln 2 (-inf for an empty range).
+  void store_outputs() {
+    T* o = static_cast<T*>(a_.o);
+    for (int64_t p = 0; p < panels_; ++p) {
+      const int64_t g = p / chunks_, chunk = p % chunks_;
+      const int64_t lanes = std::min<int64_t>(kBlock, tile_.count - chunk * kBlock);
+      for (int64_t t = 0; t < lanes; ++t) {
+        const float sum = ws_.row_sum[p][t];
+        const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+        float* row = ws_.row.data();
+        for (int64_t c = 0; c < a_.dim; ++c) row[c] = ws_.out[c * panels_ + p][t] * inv_sum;
+        const int64_t out_row = query_row(g, chunk * kBlock + t);
+        T* dst = o + out_row * a_.dim;
+        for_each_block(a_.dim, [=](int64_t c, auto n) { store_block(dst + c, load_block(row + c, n), n); });
+        a_.lse[out_row] = sum > 0.f ? (ws_.row_max[p][t] + std::log2(sum)) * kLn2 : -kInf;
+      }
+    }
+  }
+
+  const SpanArgs& a_;
+  SpanWorkspace& ws_;
+  const QueryTile& tile_;
+  const int64_t b_, kv_head_, group_, chunks_, panels_;
+};
+
+// ---- span attention: scheduling ---------------------------------------------------------------------------
+
+// Work items (batch row, kv head, query tile) run through a dynamic schedule, costliest first: causal tiles
+// differ in cost by up to L / kKeyTile times, and on a shared machine a static split would also wait for the
+// slowest core.
+template <typename T>
+void span_attention(const SpanArgs& a, int num_threads) {
+  const int64_t group = a.q_heads / a.kv_heads;
+  const int64_t tile_queries = queries_per_tile(group);
+  const int64_t tiles_per_row = ceil_div(a.length, tile_queries);
+  const std::vector<QueryTile> tiles = query_tiles(a, tile_queries);
+
+  const int64_t num_items = a.batch * a.kv_heads * tiles_per_row;  // item = (b * kv_heads + h) * tiles + t
+  auto tile_of = [&](int64_t item) -> const QueryTile& {
+    return tiles[item / (a.kv_heads * tiles_per_row) * tiles_per_row + item % tiles_per_row];
+  };
+  auto cost = [&](int64_t item) { return tile_of(item).keys() + kKeyTile; };  // + packing and output
+  std::vector<int64_t> order(num_items);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost(x) > cost(y); });
+
+  const int64_t max_panels = group * ceil_div(tile_queries, kBlock);
+#pragma omp parallel num_threads(team_size(num_items, num_threads))
+  {
+    SpanWorkspace ws(a.dim, max_panels);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) {
+      const int64_t item = order[i];
+      const int64_t head = item / tiles_per_row;  // b * kv_heads + kv head
+      SpanItem<T>(a, ws, tile_of(item), head / a.kv_heads, head % a.kv_heads).run();
+    }
+  }
+}
+
+// ---- decode attention -------------------------------------------------------------------------------------
+
+struct DecodeArgs {
+  const void* q;             // [batch, q_heads, num_queries, dim]
+  const void* k_cache;       // [batch, kv_heads, cache_size, dim]
+  const void* v_cache;       // [batch, kv_heads, cache_size, dim]
+  const int32_t* cache_len;  // [batch]
+  void* o;                   // [batch, q_heads, num_queries, dim]
+  int64_t batch, q_heads, kv_heads, num_queries, cache_size, dim;
+  float scale;
+
+  // Query rows per kv head: its group's heads times the queries, consecutive in q and o.
+  int64_t rows() const { return q_heads / kv_heads * num_queries; }
+};
+
+// Splits of each cache: enough items for 4 per thread (so unequal cache lengths still balance), but chunks of
+// at least kMinSplitKeys keys, below which the merge and the per-item setup stop paying for themselves.
+constexpr int64_t kMinSplitKeys = 512;
+
+int64_t cache_chunk(const DecodeArgs& a, int num_threads) {
+  const int64_t heads = a.batch * a.kv_heads;
+  const int64_t wanted = ceil_div(4 * num_threads, heads);
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, a.cache_size / kMinSplitKeys));
+  return ceil_div(ceil_div(a.cache_size, splits), kBlock) * kBlock;
+}
+
+// Partial results of every (batch row, kv head, split, query row): unnormalized output, max (log2 units), sum.
+struct DecodePartials {
+  int64_t splits, dim_blocks;
+  std::vector<f32x16> out;  // [batch * kv_heads][splits][rows][dim_blocks]
+  std::vector<float> max, sum;  // [batch * kv_heads][splits][rows]
+
+  DecodePartials(const DecodeArgs& a, int64_t splits_)
+      : splits(splits_), dim_blocks(ceil_div(a.dim, kBlock)),
+        out(a.batch * a.kv_heads * splits * a.rows() * dim_blocks), max(a.batch * a.kv_heads * splits * a.rows()),
+        sum(max.size()) {}
+};
+
+// Lane partials of the dot product of a query (fp32, zero-padded to whole blocks) with one key row: two
+// accumulators, so that the chain of FMAs is half as long.
+template <typename T>
+f32x16 dot_partials(const f32x16* q, const T* key, int64_t dim) {
+  f32x16 even = {}, odd = {};
+  int64_t c = 0;
+  for (; c + 2 * kBlock <= dim; c += 2 * kBlock) {
+    even = fma_lanes(q[c / kBlock], load_block(key + c, FullBlock{}), even);
+    odd = fma_lanes(q[c / kBlock + 1], load_block(key + c + kBlock, FullBlock{}), odd);
+  }
+  if (c + kBlock <= dim) {
+    even = fma_lanes(q[c / kBlock], load_block(key + c, FullBlock{}), even);
+    c += kBlock;
+  }
+  if (c < dim) odd = fma_lanes(q[c / kBlock], load_block(key + c, dim - c), odd);
+  return even + odd;
+}
+
+// Scores of one query against 16 keys (rows of k at stride dim), one per lane. Keys are read row by row, in
+// memory order: reading a 64-byte column across the 16 rows instead streams the cache at a third of the
+// memory bandwidth, because the hardware prefetchers do not follow that pattern.
+template <typename T>
+f32x16 key_scores(const f32x16* q, const T* k, int64_t dim) {
+  f32x16 partials[kBlock];
+  for (int j = 0; j < kBlock; ++j) partials[j] = dot_partials(q, k + j * dim, dim);
+  return transpose_sum(partials);
+}
+
+// out[b] = out[b] * rescale + sum over j < count of p[j] * v[j][16 b ...], for N whole blocks b of the output
+// starting at block first, held in registers while the value rows stream by in memory order.
+template <int N, typename T>
+void accumulate_values(f32x16* out, float rescale, const float* p, const T* v, int64_t count, int64_t dim,
+                       int64_t first) {
+  f32x16 acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = out[first + i] * rescale;
+  const T* row = v + first * kBlock;
+  for (int64_t j = 0; j < count; ++j, row += dim) {
+    const f32x16 pj = splat(p[j]);
+    for (int i = 0; i < N; ++i) acc[i] = fma_lanes(pj, load_block(row + i * kBlock, FullBlock{}), acc[i]);
+  }
+  for (int i = 0; i < N; ++i) out[first + i] = acc[i];
+}
+
+// Up to kValueBlocks output blocks per pass over the value rows: d <= 128 takes one pass.
+constexpr int64_t kValueBlocks = 8;
+
+template <typename T>
+void accumulate_value_rows(f32x16* out, float rescale, const float* p, const T* v, int64_t count, int64_t dim) {
+  using Pass = void (*)(f32x16*, float, const float*, const T*, int64_t, int64_t, int64_t);
+  static constexpr std::array<Pass, kValueBlocks> passes = {
+      accumulate_values<1, T>, accumulate_values<2, T>, accumulate_values<3, T>, accumulate_values<4, T>,
+      accumulate_values<5, T>, accumulate_values<6, T>, accumulate_values<7, T>, accumulate_values<8, T>};
+  const int64_t whole = dim / kBlock;
+  for (int64_t block = 0; block < whole; block += kValueBlocks) {
+    passes[std::min(kValueBlocks, whole - block) - 1](out, rescale, p, v, count, dim, block);
+  }
+  if (whole * kBlock < dim) {
+    const int64_t n = dim - whole * kBlock;
+    f32x16 acc = out[whole] * rescale;
+    for (int64_t j = 0; j < count; ++j) acc = fma_lanes(splat(p[j]), load_block(v + j * dim + whole * kBlock, n), acc);
+    out[whole] = acc;
+  }
+}
+
+// One (batch row, kv head, split): the group's query rows against keys [first, last) of the cache.
+template <typename T>
+class DecodeItem {
+ public:
+  DecodeItem(const DecodeArgs& a, DecodePartials& parts, int64_t head, int64_t split, int64_t chunk)
+      : a_(a), parts_(parts), head_(head), split_(split), rows_(a.rows()), dim_blocks_(parts.dim_blocks) {
+    const int64_t len = a.cache_len[head / a.kv_heads];
+    first_ = std::min(split * chunk, len);
+    last_ = std::min(first_ + chunk, len);
+    row_end_offset_ = len - a.num_queries + 1;  // query i attends keys j < row_end_offset_ + i
+  }
+
+  void run() {
+    std::vector<f32x16> q(rows_ * dim_blocks_);
+    load_queries(q);
+    const int64_t slot = (head_ * parts_.splits + split_) * rows_;
+    f32x16* out = parts_.out.data() + slot * dim_blocks_;
+    float* max = parts_.max.data() + slot;
+    float* sum = parts_.sum.data() + slot;
+    std::fill_n(out, rows_ * dim_blocks_, f32x16{});
+    std::fill_n(max, rows_, -kInf);
+    std::fill_n(sum, rows_, 0.f);
+
+    const int64_t cache_offset = head_ * a_.cache_size * a_.dim;
+    const T* k = static_cast<const T*>(a_.k_cache) + cache_offset;
+    const T* v = static_cast<const T*>(a_.v_cache) + cache_offset;
+    for (int64_t lo = first_; lo < last_; lo += kStepKeys) {
+      const int64_t count = std::min(kStepKeys, last_ - lo);
+      for (int64_t r = 0; r < rows_; ++r) {
+        const int64_t attended = std::min(count, row_end_offset_ + r % a_.num_queries - lo);
+        if (attended <= 0) continue;
+        f32x16 scores[kStepBlocks];
+        step_scores(q.data() + r * dim_blocks_, k + lo * a_.dim, attended, scores);
+        update_row(scores, attended, v + lo * a_.dim, out + r * dim_blocks_, max[r], sum[r]);
+      }
+    }
+  }
+
+ private:
+  // Keys per online-softmax step: the max, exp2 and rescale of a step cost as much as a few dozen keys, and
+  // a longer step keeps more of the out-of-order window on loads.
+  static constexpr int64_t kStepBlocks = 4;
+  static constexpr int64_t kStepKeys = kStepBlocks * kBlock;
+
+  void load_queries(std::vector<f32x16>& q) const {
+    const T* src = static_cast<const T*>(a_.q) + head_ * rows_ * a_.dim;  // the group's rows are consecutive
+    const float q_scale = a_.scale * kLog2e;
+    for (int64_t r = 0; r < rows_; ++r) {
+      const T* row = src + r * a_.dim;
+      f32x16* dst = q.data() + r * dim_blocks_;
+      for_each_block(a_.dim, [=](int64_t c, auto n) { dst[c / kBlock] = load_block(row + c, n) * q_scale; });
+    }
+  }
+
+  // Scores of query q against keys [0, count) of the step (rows of keys), 16 per vector; lanes past count
+  // are -inf. A last block of fewer than 16 keys is copied, zero-padded, so no row past count is read.
+  void step_scores(const f32x16* q, const T* keys, int64_t count, f32x16 (&scores)[kStepBlocks]) {
+    for (int64_t b = 0; b * kBlock < count; ++b) {
+      const int64_t n = std::min(kBlock, count - b * kBlock);
+      const T* block = keys + b * kBlock * a_.dim;
+      if (n == kBlock) {
+        scores[b] = key_scores(q, block, a_.dim);
+        continue;
+      }
+      padded_keys_.assign(a_.dim, f32x16{});
+      float* padded = reinterpret_cast<float*>(padded_keys_.data());
+      for_each_block(n * a_.dim, [=](int64_t j, auto m) { store_block(padded + j, load_block(block + j, m), m); });
+      scores[b] = mask_lanes_from(key_scores(q, padded, a_.dim), n);
+    }
+  }
+
+  // Online softmax step of one query row over the scores of its first `count` keys (at least one).
+  void update_row(const f32x16 (&scores)[kStepBlocks], int64_t count, const T* values, f32x16* out, float& max,
+                  float& sum) const {
+    const int64_t blocks = ceil_div(count, kBlock);
+    f32x16 step_max = scores[0];
+    for (int64_t b = 1; b < blocks; ++b) step_max = max_lanes(scores[b], step_max);
+    const float new_max = std::max(max, lane_max(step_max));
+    float probs[kStepKeys];
+    f32x16 step_sum = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      const f32x16 p = exp2_lanes(scores[b] - new_max);
+      step_sum += p;
+      std::memcpy(probs + b * kBlock, &p, sizeof(p));
+    }
+    const float rescale = std::exp2(max - new_max);
+    sum = sum * rescale + lane_sum(step_sum);
+    max = new_max;
+    accumulate_value_rows(out, rescale, probs, values, count, a_.dim);
+  }
+
+  const DecodeArgs& a_;
+  DecodePartials& parts_;
+  const int64_t head_, split_, rows_, dim_blocks_;
+  int64_t first_, last_, row_end_offset_;
+  std::vector<f32x16> padded_keys_;  // [16][dim] floats: a last block of fewer than 16 keys, zero-padded
+};
+
+// o = sum over splits of out_s * 2^(max_s - M) / sum over splits of sum_s * 2^(max_s - M), M the largest max.
+// On the calling thread: it reads splits x dim values per query row, against 2 x dim x (cache length) per kv
+// head for the items, and a second parallel region would cost more than it saves.
+template <typename T>
+void merge_splits(const DecodeArgs& a, const DecodePartials& parts) {
+  const int64_t rows = a.rows();
+  T* o = static_cast<T*>(a.o);
+  std::vector<f32x16> acc(parts.dim_blocks);
+  for (int64_t x = 0; x < a.batch * a.kv_heads * rows; ++x) {  // x = (b * kv_heads + h) * rows + r
+    const int64_t first_slot = (x / rows * parts.splits) * rows + x % rows;  // split s at first_slot + s * rows
+    float max = -kInf;
+    for (int64_t s = 0; s < parts.splits; ++s) max = std::max(max, parts.max[first_slot + s * rows]);
+    std::fill(acc.begin(), acc.end(), f32x16{});
+    float sum = 0.f;
+    for (int64_t s = 0; s < parts.splits; ++s) {
+      const int64_t slot = first_slot + s * rows;
+      if (parts.sum[slot] == 0.f) continue;  // a split past the cache length or past the query's keys
+      const float weight = std::exp2(parts.max[slot] - max);
+      sum += parts.sum[slot] * weight;
+      const f32x16* out = parts.out.data() + slot * parts.dim_blocks;
+      for (int64_t c = 0; c < parts.dim_blocks; ++c) acc[c] += out[c] * weight;
+    }
+    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+    T* dst = o + x * a.dim;
+    const f32x16* merged = acc.data();
+    for_each_block(a.dim, [=](int64_t c, auto n) { store_block(dst + c, merged[c / kBlock] * inv_sum, n); });
+  }
+}
+
+template <typename T>
+void decode_attention(const DecodeArgs& a, int num_threads) {
+  const int64_t chunk = cache_chunk(a, num_threads);
+  DecodePartials parts(a, ceil_div(a.cache_size, chunk));
+  const int64_t num_items = a.batch * a.kv_heads * parts.splits;  // item = (b * kv_heads + h) * splits + s
+#pragma omp parallel for num_threads(team_size(num_items, num_threads)) schedule(dynamic, 1)
+  for (int64_t item = 0; item < num_items; ++item) {
+    DecodeItem<T>(a, parts, item / parts.splits, item % parts.splits, chunk).run();
+  }
+  merge_splits<T>(a, parts);
+}
+
+void check_sizes(const char* op, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length, int64_t dim,
+                 int num_threads) {
+  FASTMM_CHECK(batch >= 0 && length >= 0, op, "batch and sequence (or cache) length must be >= 0");
+  FASTMM_CHECK(kv_heads >= 1 && q_heads >= 0 && q_heads % kv_heads == 0, op,
+               "q_heads must be a multiple of kv_heads >= 1, got " + std::to_string(q_heads) + " and " +
+                   std::to_string(kv_heads));
+  FASTMM_CHECK(dim >= 1, op, "head_dim must be >= 1, got " + std::to_string(dim));
+  FASTMM_CHECK(num_threads >= 1, op, "num_threads must be >= 1, got " + std::to_string(num_threads));
+}
+
+}  // namespace
+
+// ---- entry points (bound in bindings.cpp) ---------------------------------------------------------------
+
+void span_attention_fwd(const void* q, const void* k, const void* v, const int32_t* kv_start,
+                        const int32_t* kv_end, void* o, float* lse, int64_t batch, int64_t q_heads,
+                        int64_t kv_heads, int64_t length, int64_t head_dim, double scale, int dtype,
+                        int num_threads) {
+  check_sizes(__func__, batch, q_heads, kv_heads, length, head_dim, num_threads);
+  const SpanArgs args{q,       k,        v,      kv_start, kv_end,   o, lse, batch,
+                      q_heads, kv_heads, length, head_dim, static_cast<float>(scale)};
+  if (batch * q_heads * length == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) { span_attention<decltype(tag)>(args, num_threads); });
+}
+
+void decode_attention_fwd(const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_len,
+                          void* o, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_queries,
+                          int64_t cache_size, int64_t head_dim, double scale, int dtype, int num_threads) {
+  check_sizes(__func__, batch, q_heads, kv_heads, cache_size, head_dim, num_threads);
+  FASTMM_CHECK(num_queries >= 0, __func__, "num_queries must be >= 0");
+  const DecodeArgs args{q,       k_cache,  v_cache,     cache_len,  o,        batch,
+                        q_heads, kv_heads, num_queries, cache_size, head_dim, static_cast<float>(scale)};
+  if (batch * q_heads * num_queries == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) { decode_attention<decltype(tag)>(args, num_threads); });
+}
+
+}  // namespace fastmm

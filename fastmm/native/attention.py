@@ -1,0 +1,98 @@
+"""Native (C++ / CPU) launchers of the `attention` family: span attention and decode attention.
+
+fastmm._C.span_attention_fwd is flash attention over per-query key ranges: query tiles (all query heads of a
+kv head together) walk only the key tiles some query of the tile attends, with an online softmax in fp32 and a
+mask only on tiles that cut a range; extra memory is a few tiles per thread. decode_attention_fwd streams the
+cache once per kv head, split across threads and merged by log-sum-exp when there are few heads. The algorithms
+are described in csrc/attention.cpp. Inputs arrive validated by fastmm.ops; the checks here keep raw pointers
+in bounds when the kernels are called past it (the kernels index K and V with the range values unchecked);
+views are copied to contiguous tensors first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmm import _C
+from fastmm.native._shared import DTYPE_CODE
+
+
+
+def _check_buffers(**buffers: tuple[torch.Tensor, tuple[int, ...], torch.dtype]) -> None:
+    """Last guard before raw pointers reach C++: each tensor is contiguous on the CPU with the given shape and
+    dtype."""
+    for name, (t, shape, dtype) in buffers.items():
+        if t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(
+                f"native attention kernel: {name} must be a contiguous CPU {dtype} tensor of shape {shape}, got "
+                f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()} on {t.device}"
+            )
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
+    """q [B, Hq, Lq, d] and k [B, Hkv, S, d] with Hq a multiple of Hkv >= 1, d >= 1, in a supported dtype."""
+    if q.dim() != 4 or k.dim() != 4 or q.dtype not in DTYPE_CODE:
+        raise ValueError(
+            f"native attention kernel: expected q and k as [B, H, L, d] float32 / float16 / bfloat16 tensors, got "
+            f"q {q.dtype} shape {tuple(q.shape)} and k shape {tuple(k.shape)}"
+        )
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] or q.shape[3] < 1:
+        raise ValueError(
+            f"native attention kernel: expected Hq a multiple of Hkv >= 1 and head dim d >= 1, got q shape "
+            f"{tuple(q.shape)} and k shape {tuple(k.shape)}"
+        )
+
+
+def span_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v with query i of row b attending keys kv_start[b, i] <= j < kv_end[b, i].
+
+    q [B, Hq, L, d]; k, v [B, Hkv, L, d] in q's dtype (float32 / float16 / bfloat16), Hq a multiple of Hkv
+    (query head h reads kv head h // (Hq / Hkv)); kv_start, kv_end [B, L] int32 with 0 <= start <= end <= L.
+    Returns o [B, Hq, L, d] in q's dtype and lse [B, Hq, L] float32, the log-sum-exp of the scaled scores over
+    each range (o = 0 and lse = -inf for an empty range). Math in fp32.
+    """
+    _check_heads(q, k)
+    # torch.ops.fastmm.* can be called with views (opcheck does): copy those, the kernel reads dense rows
+    q, k, v, kv_start, kv_end = (t.contiguous() for t in (q, k, v, kv_start, kv_end))
+    B, Hq, L, d = q.shape
+    Hkv = k.shape[1]
+    _check_buffers(q=(q, (B, Hq, L, d), q.dtype), k=(k, (B, Hkv, L, d), q.dtype), v=(v, (B, Hkv, L, d), q.dtype),
+                   kv_start=(kv_start, (B, L), torch.int32), kv_end=(kv_end, (B, L), torch.int32))  # fmt: skip
+    if kv_start.numel() and (kv_start.min() < 0 or kv_end.max() > L or bool((kv_end < kv_start).any())):
+        raise ValueError(f"native attention kernel: key ranges must satisfy 0 <= kv_start <= kv_end <= L = {L}")
+    o = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32)
+    if o.numel():
+        _C.span_attention_fwd(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_start.data_ptr(), kv_end.data_ptr(), o.data_ptr(),
+            lse.data_ptr(), B, Hq, Hkv, L, d, scale, DTYPE_CODE[q.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+    return o, lse
+
+
+def decode_attention_fwd(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The Lq newest cached tokens of each row attend the valid part of the cache, causal among themselves.
+
+    q [B, Hq, Lq, d]; k_cache, v_cache [B, Hkv, S, d] in q's dtype, Hq a multiple of Hkv; cache_len [B] int32
+    with Lq <= cache_len <= S. Query i of row b attends keys j < cache_len[b] - Lq + i + 1. Returns
+    o [B, Hq, Lq, d] in q's dtype. Math in fp32.
+    """
+    _check_heads(q, k_cache)
+    q, k_cache, v_cache, cache_len = (t.contiguous() for t in (q, k_cache, v_cache, cache_len))
+    B, Hq, Lq, d = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    _check_buffers(q=(q, (B, Hq, Lq, d), q.dtype), k_cache=(k_cache, (B, Hkv, S, d), q.dtype),
+                   v_cache=(v_cache, (B, Hkv, S, d), q.dtype), cache_len=(cache_len, (B,), torch.int32))  # fmt: skip
+    if cache_len.numel() and (cache_len.min() < Lq or cache_len.max() > S):
+        raise ValueError(f"native attention kernel: cache_len must lie in [Lq = {Lq}, S = {S}]")
+    o = torch.empty_like(q)
+    if o.numel():
+        _C.decode_attention_fwd(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_len.data_ptr(), o.data_ptr(), B, Hq, Hkv,
+            Lq, S, d, scale, DTYPE_CODE[q.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+    return o
