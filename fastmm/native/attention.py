@@ -17,7 +17,6 @@ from fastmm import _C
 from fastmm.native._shared import DTYPE_CODE
 
 
-
 def _check_buffers(**buffers: tuple[torch.Tensor, tuple[int, ...], torch.dtype]) -> None:
     """Last guard before raw pointers reach C++: each tensor is contiguous on the CPU with the given shape and
     dtype."""

@@ -17,7 +17,6 @@ from fastmm import _C
 from fastmm.native._shared import DTYPE_CODE
 
 
-
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 

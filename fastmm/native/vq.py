@@ -16,7 +16,6 @@ from fastmm import _C
 from fastmm.native._shared import DTYPE_CODE
 
 
-
 def _fail(name: str, expected: str, t: torch.Tensor) -> NoReturn:
     raise ValueError(
         f"native vq kernel: {name} must be {expected}, got {t.dtype} shape {tuple(t.shape)} "
