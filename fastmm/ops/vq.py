@@ -86,9 +86,10 @@ def vq_quantize(
     """
     op = "vq_quantize"
     _check_quantize_inputs(op, z, codebook, metric, codebook_sq)
-    codes, sq = code_scores_inputs(codebook.to(z.dtype), metric)
-    if codebook_sq is not None:
-        sq = codebook_sq.float()
+    if codebook_sq is not None:  # metric l2 (checked): the caller's cached |e|^2 saves an O(K D) pass
+        codes, sq = codebook.to(z.dtype), codebook_sq.float()
+    else:
+        codes, sq = code_scores_inputs(codebook.to(z.dtype), metric)
     codes, sq = codes.contiguous(), sq.contiguous()
     rows = as_rows(z)  # (B, S, D): a view; channels-first z keeps its strides
     if torch.compiler.is_compiling():
