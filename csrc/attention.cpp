@@ -47,10 +47,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-inline f32x16 splat(float v) { return _mm512_set1_ps(v); }
-
-inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
-
 // 2^x: x = n + f with n an integer and |f| <= 1/2, 2^f by a degree-6 polynomial (relative error 2e-9, so the
 // result is within about 1 ulp), times 2^n by vscalefps. Below -150 every result rounds to 0; clamping there
 // turns -inf (a masked score) into 0 instead of NaN. vmaxps returns its second operand when one is NaN, so a
@@ -95,14 +91,7 @@ inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
 }
 #pragma GCC diagnostic pop
 #else
-// The same operations lane by lane, for builds without AVX-512 (std::fma rounds once, like vfmadd).
-inline f32x16 splat(float v) { return f32x16{} + v; }
-
-inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) {
-  for (int i = 0; i < kBlock; ++i) c[i] = std::fma(a[i], b[i], c[i]);
-  return c;
-}
-
+// The same operations lane by lane, for builds without AVX-512.
 inline f32x16 exp2_lanes(f32x16 x) {
   for (int i = 0; i < kBlock; ++i) x[i] = std::exp2(x[i]);
   return x;

@@ -8,6 +8,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -117,6 +118,18 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+// v in every lane, and a * b + c per lane rounded once: vfmadd with AVX-512, std::fma lane by lane without.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline f32x16 splat(float v) { return _mm512_set1_ps(v); }
+inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
+#else
+inline f32x16 splat(float v) { return f32x16{} + v; }
+inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) {
+  for (int i = 0; i < kBlock; ++i) c[i] = std::fma(a[i], b[i], c[i]);
+  return c;
+}
+#endif
 
 struct FullBlock {};
 

@@ -36,10 +36,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-inline f32x16 splat(float v) { return _mm512_set1_ps(v); }
-
-inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
-
 // vminps returns its second operand when either is NaN, so a NaN score never replaces the running minimum.
 inline f32x16 min_lanes(f32x16 score, f32x16 running) { return _mm512_min_ps(score, running); }
 
@@ -58,14 +54,7 @@ inline float smallest_lane(f32x16 v) { return _mm512_reduce_min_ps(v); }
 
 #pragma GCC diagnostic pop
 #else
-// The same IEEE operations lane by lane (std::fma rounds once, like vfmadd), for builds without AVX-512.
-inline f32x16 splat(float v) { return f32x16{} + v; }
-
-inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) {
-  for (int i = 0; i < kBlock; ++i) c[i] = std::fma(a[i], b[i], c[i]);
-  return c;
-}
-
+// The same operations lane by lane, for builds without AVX-512.
 inline f32x16 min_lanes(f32x16 score, f32x16 running) {
   for (int i = 0; i < kBlock; ++i) running[i] = score[i] < running[i] ? score[i] : running[i];
   return running;
