@@ -295,6 +295,8 @@ def _span_attention_fwd_kernel(
     # Rows past L get the empty range [L, 0): they never lower the tile's first key nor raise its last.
     q_start = tl.load(KV_START + b * stride_range_b + offs_m, mask=row_mask, other=L)
     q_end = tl.load(KV_END + b * stride_range_b + offs_m, mask=row_mask, other=0)
+    # Validated outside graph capture and compilation only: clamp so that no range can address past the keys.
+    q_start, q_end = tl.minimum(tl.maximum(q_start, 0), L), tl.minimum(tl.maximum(q_end, 0), L)
 
     first, full_lo, full_hi, hi = _key_tile_bounds(q_start, q_end, row_mask, L, BLOCK_N)
 
@@ -454,6 +456,8 @@ def _span_attention_bwd_dq_kernel(
     d_mask = offs_d < head_dim
     q_start = tl.load(KV_START + b * stride_range_b + offs_m, mask=row_mask, other=L)
     q_end = tl.load(KV_END + b * stride_range_b + offs_m, mask=row_mask, other=0)
+    # Validated outside graph capture and compilation only: clamp so that no range can address past the keys.
+    q_start, q_end = tl.minimum(tl.maximum(q_start, 0), L), tl.minimum(tl.maximum(q_end, 0), L)
     first, full_lo, full_hi, hi = _key_tile_bounds(q_start, q_end, row_mask, L, BLOCK_N)
 
     rows = b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l + offs_d[None, :]
@@ -669,6 +673,7 @@ def _decode_attention_split_kernel(
     num_kv_heads,  # Hkv
     group,  # Hq // Hkv: query heads per kv head
     num_queries,  # Lq
+    cache_size,  # S
     head_dim,  # d (the last dimension of every [.., d] tensor has unit stride)
     split_size,  # keys per split, a multiple of BLOCK_N
     qk_scale,  # softmax scale * log2(e)
@@ -689,7 +694,8 @@ def _decode_attention_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
 
-    cache_len = tl.load(CACHE_LEN + b)
+    # Validated outside graph capture and compilation only: clamp so that no length can address past the cache.
+    cache_len = tl.minimum(tl.maximum(tl.load(CACHE_LEN + b), 0), cache_size)
     q_end = tl.where(row_mask, cache_len - num_queries + queries + 1, 0)
     split_lo = split * split_size
     split_hi = tl.minimum(split_lo + split_size, tl.max(q_end, axis=0))
@@ -785,7 +791,7 @@ def decode_attention_fwd(
     _decode_attention_split_kernel[grid](
         q, k_cache, v_cache, cache_len, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_part.stride()[:4],
-        *lse_part.stride()[:3], Hkv, group, Lq, d, split_size, scale * _LOG2E,
+        *lse_part.stride()[:3], Hkv, group, Lq, S, d, split_size, scale * _LOG2E,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=block_d,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
