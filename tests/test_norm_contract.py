@@ -143,7 +143,7 @@ def test_compile_inductor_inference():
 
 def test_native_launcher_refuses_buffers_it_cannot_index():
     """The C++ kernels take raw pointers: the launcher itself rejects strided or mis-shaped buffers, even
-    when called past fastmm.ops (as autograd's backward does)."""
+    when called past fastmm.ops (as autograd's backward and torch.compile's graphs do)."""
     ok, reason = fastmm.backend.native_status()
     if not ok:
         pytest.skip(reason)
@@ -156,3 +156,5 @@ def test_native_launcher_refuses_buffers_it_cannot_index():
         native.rms_norm_bwd(torch.randn(6, 8), strided, x, modality, weight, rstd)
     with pytest.raises(ValueError, match=r"rstd .* shape \(6,\)"):
         native.rms_norm_bwd(torch.randn(6, 8), None, x, modality, weight, rstd[:5])
+    with pytest.raises(ValueError, match=r"modality ids must be in \[0, 2\)"):
+        native.rms_norm_fwd(x, torch.tensor([0, 1, 2, 0, 1, 0]), weight, None, 1e-6)

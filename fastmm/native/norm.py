@@ -25,6 +25,16 @@ def _like_or_none(x: torch.Tensor, present: bool) -> torch.Tensor | None:
     return torch.empty_like(x) if present else None
 
 
+def _check_modality(modality: torch.Tensor, num_modalities: int) -> None:
+    """Every id in [0, M): the kernels index weight rows with them. fastmm.ops checks this too, but not while
+    torch.compile traces (values are unknown there), and the compiled graph then calls these launchers."""
+    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
+        raise ValueError(
+            f"native norm kernel: modality ids must be in [0, {num_modalities}), got values in "
+            f"[{int(modality.min())}, {int(modality.max())}]"
+        )
+
+
 def _check_buffers(**buffers: tuple[torch.Tensor | None, tuple[int, ...], torch.dtype]) -> None:
     """Last guard before raw pointers reach C++: each present tensor is contiguous on the CPU with the given
     shape and dtype, so the kernels cannot read or write out of bounds even when called past fastmm.ops."""
@@ -57,6 +67,7 @@ def rms_norm_fwd(
     M = weight.shape[0]
     _check_buffers(x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64), weight=(weight, (M, D), x.dtype),
                    residual=(residual, (T, D), x.dtype))  # fmt: skip
+    _check_modality(modality, M)
     y = torch.empty_like(x)
     residual_out = _like_or_none(x, residual is not None)
     rstd = torch.empty(T, dtype=torch.float32)
@@ -87,6 +98,7 @@ def rms_norm_bwd(
     _check_buffers(dy=(dy, (T, D), x_in.dtype), dresidual_out=(dresidual_out, (T, D), x_in.dtype),
                    x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
                    weight=(weight, (M, D), x_in.dtype), rstd=(rstd, (T,), torch.float32))  # fmt: skip
+    _check_modality(modality, M)
     dx = torch.empty_like(x_in)
     dweight = torch.zeros(M, D, dtype=torch.float32)
     if T:
@@ -115,6 +127,7 @@ def layer_norm_fwd(
     M = weight.shape[0]
     _check_buffers(x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64), weight=(weight, (M, D), x.dtype),
                    bias=(bias, (M, D), x.dtype), residual=(residual, (T, D), x.dtype))  # fmt: skip
+    _check_modality(modality, M)
     y = torch.empty_like(x)
     residual_out = _like_or_none(x, residual is not None)
     mean = torch.empty(T, dtype=torch.float32)
@@ -149,6 +162,7 @@ def layer_norm_bwd(
                    x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
                    weight=(weight, (M, D), x_in.dtype), mean=(mean, (T,), torch.float32),
                    rstd=(rstd, (T,), torch.float32))  # fmt: skip
+    _check_modality(modality, M)
     dx = torch.empty_like(x_in)
     dweight = torch.zeros(M, D, dtype=torch.float32)
     dbias = torch.zeros(M, D, dtype=torch.float32) if has_bias else None
