@@ -223,6 +223,16 @@ def _attend_key_tiles(
 
 
 @triton.jit
+def _query_ranges(KV_START_ROW, KV_END_ROW, offs_m, row_mask, L):
+    """The key ranges of a tile's queries, clamped to [0, L]: they are validated outside graph capture and
+    compilation only, and no range may address past the keys. Rows past L get the empty range [L, 0), so they
+    never lower the tile's first key nor raise its last."""
+    q_start = tl.load(KV_START_ROW + offs_m, mask=row_mask, other=L)
+    q_end = tl.load(KV_END_ROW + offs_m, mask=row_mask, other=0)
+    return tl.minimum(tl.maximum(q_start, 0), L), tl.minimum(tl.maximum(q_end, 0), L)
+
+
+@triton.jit
 def _key_tile_bounds(q_start, q_end, row_mask, L, BLOCK_N: tl.constexpr):
     """(first, full_lo, full_hi, hi) for a query tile: its queries need keys [first, hi) (first rounded down
     to a tile), and the whole tiles of [full_lo, full_hi) lie inside every real query's range. Rows past L
@@ -292,12 +302,7 @@ def _span_attention_fwd_kernel(
     row_mask = offs_m < L
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    # Rows past L get the empty range [L, 0): they never lower the tile's first key nor raise its last.
-    q_start = tl.load(KV_START + b * stride_range_b + offs_m, mask=row_mask, other=L)
-    q_end = tl.load(KV_END + b * stride_range_b + offs_m, mask=row_mask, other=0)
-    # Validated outside graph capture and compilation only: clamp so that no range can address past the keys.
-    q_start, q_end = tl.minimum(tl.maximum(q_start, 0), L), tl.minimum(tl.maximum(q_end, 0), L)
-
+    q_start, q_end = _query_ranges(KV_START + b * stride_range_b, KV_END + b * stride_range_b, offs_m, row_mask, L)
     first, full_lo, full_hi, hi = _key_tile_bounds(q_start, q_end, row_mask, L, BLOCK_N)
 
     q = tl.load(
@@ -454,10 +459,7 @@ def _span_attention_bwd_dq_kernel(
     row_mask = offs_m < L
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    q_start = tl.load(KV_START + b * stride_range_b + offs_m, mask=row_mask, other=L)
-    q_end = tl.load(KV_END + b * stride_range_b + offs_m, mask=row_mask, other=0)
-    # Validated outside graph capture and compilation only: clamp so that no range can address past the keys.
-    q_start, q_end = tl.minimum(tl.maximum(q_start, 0), L), tl.minimum(tl.maximum(q_end, 0), L)
+    q_start, q_end = _query_ranges(KV_START + b * stride_range_b, KV_END + b * stride_range_b, offs_m, row_mask, L)
     first, full_lo, full_hi, hi = _key_tile_bounds(q_start, q_end, row_mask, L, BLOCK_N)
 
     rows = b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l + offs_d[None, :]
