@@ -26,9 +26,7 @@ def ranges_from_mask(
     """(kv_start, kv_end) int32 [B, L] equivalent to a transformers attention mask. None means causal with
     the L queries being the last L of the S keys."""
     if attention_mask is None:
-        i = torch.arange(num_queries, device=device, dtype=torch.int32)
-        kv_end = (num_keys - num_queries + 1 + i).expand(batch, num_queries)
-        return torch.zeros_like(kv_end), kv_end.contiguous()
+        return reference.causal_ranges(batch, num_queries, num_keys, device)
     if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (num_queries, num_keys):
         raise ValueError(
             f"attention_forward: attention_mask must be [B, 1, L, S] = [{batch}, 1, {num_queries}, {num_keys}], "
@@ -48,9 +46,25 @@ def ranges_from_mask(
 
 def _is_suffix_causal(kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> bool:
     """Whether the ranges are what decode_attention computes: start 0, end S - L + i + 1."""
-    L = kv_start.shape[1]
-    expected_end = torch.arange(num_keys - L + 1, num_keys + 1, device=kv_end.device, dtype=kv_end.dtype)
-    return bool((kv_start == 0).all()) and bool((kv_end == expected_end).all())
+    start, end = reference.causal_ranges(*kv_start.shape, num_keys, kv_start.device)
+    return torch.equal(kv_start.int(), start) and torch.equal(kv_end.int(), end)
+
+
+def _attend(query, key, value, kv_start, kv_end, scaling):
+    """span_attention for a full sequence (L == S); decode_attention for the last L of S keys when the ranges
+    are causal (None: plain causal, nothing to inspect on the host); else the dense reference."""
+    B, _, L, _ = query.shape
+    S = key.shape[2]
+    if L == S:
+        return ops.span_attention(query, key, value, kv_start, kv_end, scaling)
+    if kv_start is None or _is_suffix_causal(kv_start, kv_end, S):
+        cache_len = torch.full((B,), S, dtype=torch.int32, device=query.device)
+        return ops.decode_attention(query, key, value, cache_len, scaling)
+    # e.g. left padding while decoding: a range that does not start at 0
+    backend.warn_fallback("attention_forward", "decode_attention", "reference", "a padded mask while decoding")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    mask = reference.dense_mask(kv_start, kv_end, S)
+    return reference.masked_attention(query, key, value, mask, scale)[0].to(query.dtype)
 
 
 def attention_forward(
@@ -67,23 +81,12 @@ def attention_forward(
     decode_attention for new tokens against a cache (L < S, causal); returns ([B, L, Hq, d], None)."""
     if dropout:
         raise ValueError(f"attention_forward: attention dropout is not supported, got dropout={dropout}")
-    B, _, L, _ = query.shape
-    S = key.shape[2]
     kv_start, kv_end = kwargs.get("kv_start"), kwargs.get("kv_end")
-    if kv_start is None:
-        kv_start, kv_end = ranges_from_mask(attention_mask, B, L, S, query.device)
-    if L == S:
-        out = ops.span_attention(query, key, value, kv_start, kv_end, scaling)
-    elif _is_suffix_causal(kv_start, kv_end, S):
-        cache_len = torch.full((B,), S, dtype=torch.int32, device=query.device)
-        out = ops.decode_attention(query, key, value, cache_len, scaling)
-    else:  # e.g. left padding while decoding: a range that does not start at 0
-        backend.warn_fallback("attention_forward", "decode_attention", "reference", "a padded mask while decoding")
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        mask = reference.dense_mask(kv_start, kv_end, S)
-        out = reference.masked_attention(query, key, value, mask, scale)[0].to(query.dtype)
+    if kv_start is None and attention_mask is not None:
+        B, _, L, _ = query.shape
+        kv_start, kv_end = ranges_from_mask(attention_mask, B, L, key.shape[2], query.device)
+    out = _attend(query, key, value, kv_start, kv_end, scaling)
     return out.transpose(1, 2).contiguous(), None
-
 
 def register_with_transformers(name: str = "fastmm") -> str:
     """Register attention_forward and transformers' boolean mask builder under ``name`` (use it as

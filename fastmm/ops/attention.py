@@ -204,8 +204,9 @@ def span_attention(
     if k.shape[2] != L:
         raise ValueError(f"{op}: k must have q's length L = {L} (self-attention), got shape {tuple(k.shape)}")
     if kv_start is None and kv_end is None:
-        kv_start, kv_end = reference.key_ranges(doc_ids=torch.zeros(B, L, dtype=torch.int32, device=q.device))
-    _check_ranges(op, kv_start, kv_end, B, L, q.device)
+        kv_start, kv_end = reference.causal_ranges(B, L, L, q.device)  # valid by construction: nothing to check
+    else:
+        _check_ranges(op, kv_start, kv_end, B, L, q.device)
     scale = float(d**-0.5 if scale is None else scale)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), kv_start.int().contiguous(), kv_end.int().contiguous())
     if use_dispatcher(q, k, v):
@@ -241,7 +242,8 @@ def decode_attention(
         q: [B, Hq, Lq, d], Lq = 1 for one decode step (a few for speculative / multi-token steps).
         k_cache, v_cache: [B, Hkv, S, d] static buffers; Hq a multiple of Hkv.
         cache_len: [B] integer valid lengths on q's device (Lq <= cache_len <= S); query i of row b sees
-            keys j < cache_len[b] - Lq + i + 1. Never read on the host by the kernels (graph-capturable).
+            keys j < cache_len[b] - Lq + i + 1. Never read on the host for CUDA tensors (no sync per step,
+            graph-capturable); checked on the CPU.
         scale: default d ** -0.5.
 
     Returns:
@@ -255,8 +257,10 @@ def decode_attention(
     val.check_ids(op, "cache_len", cache_len)
     val.check_shape(op, "cache_len", cache_len, (B,), "[B]: valid cache length per row")
     val.check_same_device(op, "q", q, cache_len=cache_len)
-    if cache_len.numel() and val.values_checkable(cache_len):
-        lo, hi = int(cache_len.min()), int(cache_len.max())
+    # On CUDA, reading cache_len would sync the host at every decode step: the triton kernel clamps the lengths
+    # to [0, S] instead (a length below Lq only empties rows). On the CPU the check costs nothing.
+    if cache_len.numel() and cache_len.device.type == "cpu" and val.values_checkable(cache_len):
+        lo, hi = (int(bound) for bound in torch.aminmax(cache_len))
         if lo < Lq or hi > S:
             raise ValueError(
                 f"{op}: cache_len must be in [Lq = {Lq}, S = {S}] (the queries are the last Lq cached tokens), "

@@ -65,7 +65,7 @@ def key_ranges_from_labels(
     if not causal:
         return doc_start.int(), doc_end.int()
     # a span is a run of one label inside one document: label runs split at document boundaries
-    span_key = image_labels * (L + 1) + _run_bounds(docs)[0]
+    span_key = image_labels * (L + 1) + doc_start
     _, span_end = _run_bounds(span_key)
     idx = torch.arange(L, device=image_labels.device).expand(B, L)
     kv_end = torch.where(image_labels != 0, span_end, idx + 1)
@@ -91,6 +91,14 @@ def key_ranges(
     else:
         labels = torch.zeros(B, L, dtype=torch.int64, device=device)
     return key_ranges_from_labels(labels, doc_ids, causal)
+
+
+def causal_ranges(batch: int, num_queries: int, num_keys: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_start, kv_end) int32 [B, Lq] of plain causal attention for the last Lq of S keys:
+    query i attends keys j < S - Lq + i + 1."""
+    kv_end = torch.arange(num_keys - num_queries + 1, num_keys + 1, device=device, dtype=torch.int32)
+    kv_end = kv_end.expand(batch, num_queries).contiguous()
+    return torch.zeros_like(kv_end), kv_end
 
 
 def dense_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -123,10 +131,8 @@ def span_attention(q, k, v, kv_start=None, kv_end=None, scale=None):
     No ranges: causal."""
     B, _, L, d = q.shape
     if kv_start is None:
-        kv_start, kv_end = key_ranges(doc_ids=torch.zeros(B, L, dtype=torch.int64, device=q.device))
-    scale = d**-0.5 if scale is None else scale
-    out, _ = masked_attention(q, k, v, dense_mask(kv_start, kv_end, k.shape[2]), scale)
-    return out.to(q.dtype)
+        kv_start, kv_end = causal_ranges(B, L, L, q.device)
+    return span_attention_fwd(q, k, v, kv_start, kv_end, d**-0.5 if scale is None else scale)[0]
 
 
 def decode_mask(cache_len: torch.Tensor, num_queries: int, cache_size: int) -> torch.Tensor:
@@ -141,8 +147,7 @@ def decode_attention(q, k_cache, v_cache, cache_len, scale=None):
     """Spec of fastmm.ops.decode_attention: q [B, Hq, Lq, d] against the first cache_len[b] entries of the
     caches [B, Hkv, S, d], the Lq queries being the last Lq cached tokens (causal among themselves)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = decode_mask(cache_len, q.shape[2], k_cache.shape[2])
-    return masked_attention(q, k_cache, v_cache, mask, scale)[0].to(q.dtype)
+    return decode_attention_fwd(q, k_cache, v_cache, cache_len, scale)
 
 
 # ---------------------------------------------------------------------------------- kernel interface
