@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmm.ops.vq import vq_embed, vq_quantize
-from fastmm.reference.vq import METRICS
+from fastmm.reference.vq import METRICS, code_scores_inputs
 
 # transformers' quantizer classes (by name, so transformers stays optional) and whether their forward
 # returns (quantized, loss, indices) like Chameleon / Janus, or the indices alone like Emu3.
@@ -43,7 +43,7 @@ class VQCodebook(nn.Module):
         self.beta = beta
         self.weight = nn.Parameter(torch.empty(num_codes, dim, device=device, dtype=dtype))
         nn.init.uniform_(self.weight, -1.0 / num_codes, 1.0 / num_codes)
-        self._sq_cache: tuple[tuple, torch.Tensor] | None = None
+        self._codes_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_hf(cls, module: nn.Module) -> VQCodebook:
@@ -57,25 +57,26 @@ class VQCodebook(nn.Module):
         codebook.weight = weight
         return codebook
 
-    def _codebook_sq(self) -> torch.Tensor | None:
-        """|e|^2 per code, recomputed only when the weight changed (its version counter moves on every
-        in-place update, including an optimizer step)."""
-        if self.metric != "l2":
-            return None
+    def _scoring_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, codebook_sq) for vq_quantize with metric l2, recomputed only when the weight changed (its
+        version counter moves on every in-place update, an optimizer step included). l2: the weight and |e|^2.
+        cosine: the normalized codes and zeros, since the cosine argmax is argmin_k -2 z.ê_k
+        (fastmm.reference.vq); caching them saves a normalization of the whole codebook per call."""
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        if self._sq_cache is None or self._sq_cache[0] != key:
-            self._sq_cache = (key, self.weight.detach().float().pow(2).sum(dim=1))
-        return self._sq_cache[1]
+        if self._codes_cache is None or self._codes_cache[0] != key:
+            codes, sq = code_scores_inputs(self.weight.detach(), self.metric)
+            self._codes_cache = (key, codes, sq)
+        return self._codes_cache[1], self._codes_cache[2]
 
     def quantize(self, z: torch.Tensor, return_quantized: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(indices, quantized) of fastmm.ops.vq_quantize; video [B, T, D, H, W] gives indices [B, T, H, W]."""
+        codes, codebook_sq = self._scoring_codes()
+        images = z.flatten(0, 1) if z.dim() == 5 else z  # video: (B*T, D, H, W), a view of a contiguous video
+        indices, quantized = vq_quantize(images, codes, "l2", codebook_sq, return_quantized)
         if z.dim() != 5:
-            return vq_quantize(z, self.weight.detach(), self.metric, self._codebook_sq(), return_quantized)
-        B, T = z.shape[:2]
-        indices, quantized = vq_quantize(
-            z.flatten(0, 1), self.weight.detach(), self.metric, self._codebook_sq(), return_quantized
-        )  # (B*T, D, H, W) is a view of a contiguous video
-        return indices.view(B, T, *indices.shape[1:]), None if quantized is None else quantized.view(z.shape)
+            return indices, quantized
+        video_indices = indices.view(*z.shape[:2], *indices.shape[1:])
+        return video_indices, None if quantized is None else quantized.view(z.shape)
 
     def codes(self) -> torch.Tensor:
         """The codes as quantize returns them: the weight, normalized for the cosine metric."""
