@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from fastmm.ops._validate import values_checkable
+
 
 class KVCache:
     def __init__(
@@ -49,7 +51,8 @@ class KVCache:
         """Write k, v [B, Hkv, T, d] of ``layer`` at positions[b] + t for t < T (positions [B] on the device).
 
         Positions are not checked against max_len on CUDA (that would sync the host): the caller keeps
-        positions + T <= max_len, as advance() does for its own lengths. On CPU they are checked."""
+        positions + T <= max_len, as advance() does for its own lengths. On CPU they are checked, except while
+        torch.compile traces (a host read would break the graph)."""
         B, H, T, d = k.shape
         expected = (self.k.shape[1], self.k.shape[2], self.k.shape[4])
         if (B, H, d) != expected or v.shape != k.shape:
@@ -59,7 +62,7 @@ class KVCache:
             )
         if positions.shape != (B,):
             raise ValueError(f"KVCache.write: positions must be [B] = ({B},), got {tuple(positions.shape)}")
-        if positions.device.type == "cpu" and int(positions.max()) + T > self.max_len:
+        if positions.device.type == "cpu" and values_checkable(positions) and int(positions.max()) + T > self.max_len:
             raise ValueError(f"KVCache.write: positions + T reach {int(positions.max()) + T} > max_len {self.max_len}")
         index = (positions.long()[:, None] + torch.arange(T, device=positions.device))  # (B, T)
         index = index[:, None, :, None].expand(B, H, T, d)

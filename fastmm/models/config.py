@@ -1,0 +1,119 @@
+"""UnifiedConfig: every size of a unified multimodal model (Janus-style), one commented field each.
+
+The decoder is Llama-shaped. Three optional parts hang off it: a ViT encoder with an MLP aligner for
+continuous image input (understanding), an image-generation path (code embeddings + aligner in, a head over
+the codebook out) and the VQ tokenizer that turns image tokens back into pixels. ``fastmm.models.convert``
+fills these from a transformers Janus config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class VisionConfig:
+    """SigLIP-style ViT (pre-LayerNorm blocks, GELU MLP, biased q/k/v) plus the MLP aligner to the decoder."""
+
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 384  # square input, pixels
+    patch_size: int = 16  # (image_size / patch_size)^2 tokens per image
+    num_channels: int = 3
+    mlp_ratio: float = 4.0  # MLP width = hidden_size * mlp_ratio
+    layer_norm_eps: float = 1e-6
+    aligner_width: int = 2048  # the aligner's output width: the decoder's hidden size
+    aligner_depth: int = 2  # Linear layers in the aligner, GELU between them
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass
+class ImageGenConfig:
+    """Discrete image output (Janus): token id -> code embedding -> aligner -> decoder input, and a head
+    from the decoder's last hidden state to scores over the codebook."""
+
+    codebook_size: int = 16384  # image vocabulary
+    code_dim: int = 8  # width of the generation embeddings (and of the tokenizer's codes)
+    aligner_width: int = 2048  # aligner output: the decoder's hidden size
+    aligner_depth: int = 2  # Linear layers in the aligner, GELU between them
+    head_width: int = 2048  # hidden width of the generation head (Linear -> GELU -> Linear)
+    num_image_tokens: int = 576  # tokens per generated image, a square grid
+
+
+@dataclasses.dataclass
+class VQConfig:
+    """The VQ tokenizer (a VQGAN): convolutional encoder / decoder around a codebook (l2 nearest code in,
+    l2-normalized codes out, as transformers' Janus quantizer)."""
+
+    codebook_size: int = 16384
+    code_dim: int = 8
+    latent_channels: int = 256  # channels between the conv stacks and the 1x1 quant convs
+    base_channels: int = 128  # GroupNorm(32) needs every level's width to be a multiple of 32
+    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2, 4)  # one level per entry; 2x resampling between levels
+    num_res_blocks: int = 2  # per encoder level (the decoder has one more)
+    in_channels: int = 3
+    out_channels: int = 3
+    grid: int = 24  # image tokens per side: num_image_tokens = grid^2
+
+
+@dataclasses.dataclass
+class UnifiedConfig:
+    vocab_size: int = 102400  # text vocabulary of the decoder (embeddings and LM head)
+    hidden_size: int = 2048
+    intermediate_size: int = 5632  # SwiGLU width
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 16  # GQA when fewer than num_heads
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 16384  # size of the precomputed RoPE table
+    tie_word_embeddings: bool = False  # LM head shares the token embeddings
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # mPLUG-Owl2: one RMSNorm weight and one K / V projection per modality (0 = text, 1 = image)
+    modality_adaptive: bool = False
+    # special tokens (Janus defaults are set by the converter from the checkpoint)
+    image_token_id: int | None = 100581  # placeholder replaced by image features in understanding prompts
+    bos_token_id: int | None = 100000
+    eos_token_id: int | None = 100001
+    pad_token_id: int | None = 100015  # fills the unconditional prompt of classifier-free guidance
+    boi_token_id: int | None = 100016  # begin-of-image: ends an image-generation prompt
+    vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
+    image_gen: ImageGenConfig | None = dataclasses.field(default_factory=ImageGenConfig)
+    vq: VQConfig | None = dataclasses.field(default_factory=VQConfig)
+
+    @property
+    def num_modalities(self) -> int:
+        return 2 if self.modality_adaptive else 1
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"UnifiedConfig: {name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"UnifiedConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"UnifiedConfig: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.image_gen is not None and self.image_gen.aligner_width != self.hidden_size:
+            raise ValueError(
+                f"UnifiedConfig: image_gen.aligner_width ({self.image_gen.aligner_width}) must equal hidden_size "
+                f"({self.hidden_size}): aligned codes are decoder inputs"
+            )
+        if self.vision is not None and self.vision.aligner_width != self.hidden_size:
+            raise ValueError(
+                f"UnifiedConfig: vision.aligner_width ({self.vision.aligner_width}) must equal hidden_size "
+                f"({self.hidden_size}): aligned image features are decoder inputs"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

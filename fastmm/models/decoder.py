@@ -1,0 +1,158 @@
+"""The Llama-style decoder of the unified model: RMSNorm (modality_rms_norm), RoPE, GQA attention
+(span_attention for a prompt, decode_attention against the static KV cache), SwiGLU MLP.
+
+q, k, v come from one fused projection and gate / up from another: one GEMM where Llama runs three (two),
+which matters at decode batch sizes, where every GEMM streams its weights for a handful of rows. With
+``modality_adaptive`` (mPLUG-Owl2) the norms hold one weight per modality and k / v are a routed projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmm import ops
+from fastmm.models.config import UnifiedConfig
+from fastmm.nn.attention import apply_rope
+from fastmm.nn.norm import ModalityRMSNorm, RoutedLinear
+from fastmm.runtime.kv_cache import KVCache
+
+
+def rope_table(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, head_dim] fp32, Llama convention (frequency i pairs dims i and i + d/2), with
+    transformers' exact arithmetic so that fp32 results match it bit for bit: 1 / theta^(2i/d), then
+    position * inv_freq."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def norm_with_residual(
+    norm: ModalityRMSNorm, x: torch.Tensor, modality: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual), the add fused into the norm; the first block has no residual yet."""
+    if residual is None:
+        return norm(x, modality), x
+    return norm(x, modality, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: UnifiedConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_width, kv_width, kv_width)
+        bias = config.attention_bias
+        if config.modality_adaptive:
+            self.q_proj = nn.Linear(config.hidden_size, q_width, bias=bias)
+            self.kv_proj = RoutedLinear(config.num_modalities, config.hidden_size, 2 * kv_width, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=bias)
+
+    def _project(self, x: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if hasattr(self, "qkv_proj"):
+            return self.qkv_proj(x).split(self.split, dim=-1)
+        k, v = self.kv_proj(x, modality).chunk(2, dim=-1)
+        return self.q_proj(x), k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer_index: int,
+        prefill: bool,
+    ) -> torch.Tensor:
+        """x [B, L, hidden] at positions cache.lengths + (0..L-1); their k, v are written into the cache.
+        Prefill (the cache empty): causal span_attention over the L tokens. Otherwise decode_attention over
+        the valid cache (the new tokens included)."""
+        B, L, _ = x.shape
+        q, k, v = self._project(x, modality)
+        q = apply_rope(q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, Hq, L, d)
+        k = apply_rope(k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, L, d)
+        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, d)
+        cache.write(layer_index, k, v, cache.lengths)
+        if prefill:
+            out = ops.span_attention(q, k, v)
+        else:
+            k_cache, v_cache = cache.layer(layer_index)
+            out = ops.decode_attention(q, k_cache, v_cache, cache.lengths + L)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, Hq * d) -> (B, L, hidden)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one GEMM."""
+
+    def __init__(self, config: UnifiedConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: UnifiedConfig):
+        super().__init__()
+        self.input_norm = ModalityRMSNorm(config.num_modalities, config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_attention_norm = ModalityRMSNorm(config.num_modalities, config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, residual, modality, cos, sin, cache, layer_index, prefill):
+        """One pre-norm block on the residual stream; returns (block output, residual) with the add of the
+        output deferred to the next norm, where it is fused."""
+        h, residual = norm_with_residual(self.input_norm, x, modality, residual)
+        h, residual = self.post_attention_norm(self.attn(h, modality, cos, sin, cache, layer_index, prefill), modality, residual)
+        return self.mlp(h), residual
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: UnifiedConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = ModalityRMSNorm(config.num_modalities, config.hidden_size, config.rms_norm_eps)
+        cos, sin = rope_table(config.max_position_embeddings, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A static KV cache for ``batch`` rows of up to ``max_len`` tokens, in the weights' dtype and device."""
+        weight = self.embed_tokens.weight
+        config = self.config
+        if max_len > config.max_position_embeddings:
+            raise ValueError(
+                f"Decoder.new_cache: max_len {max_len} exceeds max_position_embeddings {config.max_position_embeddings}"
+            )
+        return KVCache(config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim,
+                       dtype or weight.dtype, weight.device)  # fmt: skip
+
+    def forward(self, embeds: torch.Tensor, modality: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+        """Run L new tokens of every row through the decoder and advance the cache by L.
+
+        Args:
+            embeds: [B, L, hidden] input embeddings; token t of row b sits at position cache.lengths[b] + t.
+            modality: [B, L] int64 modality ids (zeros unless modality_adaptive).
+            cache: the static KV cache (lengths on the device: nothing here syncs the host).
+            prefill: True for a prompt into an empty cache (causal span_attention), False for decode steps.
+
+        Returns:
+            [B, L, hidden] final-normed hidden states.
+        """
+        L = embeds.shape[1]
+        positions = cache.lengths.long()[:, None] + torch.arange(L, device=embeds.device)  # (B, L)
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, L, d) fp32
+        x, residual = embeds, None
+        for index, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, modality, cos, sin, cache, index, prefill)
+        cache.advance(L)
+        return self.norm(x, modality, residual)[0]

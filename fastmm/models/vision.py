@@ -1,0 +1,88 @@
+"""Continuous image input: a SigLIP-style ViT and the MLP aligner that maps its patch features into the
+decoder's embedding space (Janus's understanding path). Attention is bidirectional over the patches: one
+span_attention call with every query's key range the whole image."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmm import ops
+from fastmm.models.config import VisionConfig
+
+
+class AlignerMLP(nn.Module):
+    """Linear, then (GELU, Linear) * (depth - 1): Janus's vision aligner and generation aligner."""
+
+    def __init__(self, in_features: int, width: int, depth: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, width)
+        self.hidden_layers = nn.ModuleList(nn.Linear(width, width) for _ in range(1, depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        for layer in self.hidden_layers:
+            x = layer(F.gelu(x))
+        return x
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = (proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        everything = torch.zeros(B, N, dtype=torch.int32, device=x.device), torch.full(
+            (B, N), N, dtype=torch.int32, device=x.device
+        )  # every patch attends every patch
+        out = ops.span_attention(q, k, v, *everything)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        width = int(config.hidden_size * config.mlp_ratio)
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = VisionAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(config.hidden_size, width)
+        self.fc2 = nn.Linear(width, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisionEncoder(nn.Module):
+    """pixels [B, C, S, S] -> aligned patch features [B, (S / patch)^2, decoder hidden]."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.position_embed = nn.Parameter(torch.zeros(config.num_patches, config.hidden_size))
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.num_layers))
+        self.post_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.aligner = AlignerMLP(config.hidden_size, config.aligner_width, config.aligner_depth)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (self.config.num_channels, size, size):
+            raise ValueError(
+                f"VisionEncoder: images must be [B, {self.config.num_channels}, {size}, {size}], got {tuple(pixels.shape)}"
+            )
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x + self.position_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.aligner(self.post_norm(x))

@@ -1,0 +1,157 @@
+"""UnifiedModel against transformers' Janus on a tiny random-weight checkpoint built offline and saved with
+save_pretrained: loading, every part's output, and clear errors for bad checkpoints and inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastmm.models import UnifiedModel, convert, presets
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def janus_dir(tmp_path_factory):
+    return presets.save_random_janus(tmp_path_factory.mktemp("janus") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf_model(janus_dir):
+    return transformers.JanusForConditionalGeneration.from_pretrained(str(janus_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def model(janus_dir):
+    return UnifiedModel.from_pretrained(janus_dir)
+
+
+PROMPT = torch.tensor([[presets.BOS, 10, 11, 12, 13, 14, presets.BOI]])
+
+
+@torch.no_grad()
+def test_prefill_logits_match_transformers(model, hf_model):
+    expected = hf_model(input_ids=PROMPT).logits
+    hidden_expected = hf_model.model.language_model(input_ids=PROMPT).last_hidden_state
+    cache = model.decoder.new_cache(1, 16)
+    hidden = model.decoder(model.embed_prompt(PROMPT), torch.zeros_like(PROMPT), cache, prefill=True)
+    logits = model.text_logits(hidden)
+    image_logits = model.image_logits(hidden)
+    torch.testing.assert_close(hidden, hidden_expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_logits, hf_model.model.generation_head(hidden_expected), rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [PROMPT.shape[1]]
+
+
+@torch.no_grad()
+def test_decode_steps_continue_the_prefill(model):
+    """Prefill of L tokens == prefill of L - 2 tokens then two single-token decode steps (KV cache path)."""
+    embeds = model.embed_prompt(PROMPT)
+    full_cache = model.decoder.new_cache(1, 16)
+    full = model.decoder(embeds, torch.zeros_like(PROMPT), full_cache, prefill=True)
+    cache = model.decoder.new_cache(1, 16)
+    parts = [model.decoder(embeds[:, :-2], torch.zeros_like(PROMPT[:, :-2]), cache, prefill=True)]
+    for t in (-2, -1):
+        parts.append(model.decoder(embeds[:, t:t + 1 if t + 1 else None], torch.zeros_like(PROMPT[:, :1]), cache, prefill=False))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_generation_table_is_the_aligned_embedding(model, hf_model):
+    ids = torch.tensor([[0], [7], [16383]])
+    expected = hf_model.prepare_embeddings_for_image_generation(ids)[:, 0]
+    torch.testing.assert_close(model.image_embeds(ids[:, 0]), expected, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_vq_decode_and_encode_match_transformers(model, hf_model):
+    tokens = torch.randint(0, 16384, (2, 576), generator=torch.Generator().manual_seed(1))
+    expected = hf_model.decode_image_tokens(tokens).permute(0, 3, 1, 2)
+    torch.testing.assert_close(model.decode_image_tokens(tokens), expected, rtol=1e-4, atol=1e-4)
+    pixels = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    expected_tokens = hf_model.model.vqmodel.encode(pixels).image_tokens.view(1, -1)
+    assert torch.equal(model.vq.encode(pixels), expected_tokens)
+
+
+@torch.no_grad()
+def test_vision_features_match_transformers(model, hf_model):
+    pixels = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(3))
+    expected = hf_model.model.get_image_features(pixels).pooler_output
+    torch.testing.assert_close(model.vision(pixels), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_mapping(janus_dir):
+    config = convert.config_from_janus(convert.read_json(janus_dir / "config.json"),
+                                       convert.read_json(janus_dir / "generation_config.json"))  # fmt: skip
+    text = presets.janus_config_dict("tiny")["text_config"]
+    assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads) == (
+        text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"], text["num_key_value_heads"])
+    assert (config.bos_token_id, config.pad_token_id, config.boi_token_id) == (presets.BOS, presets.PAD, presets.BOI)
+    assert config.image_gen.num_image_tokens == 576 and config.vq.grid == 24
+
+
+def test_bf16_load_casts_every_weight(janus_dir):
+    model = UnifiedModel.from_pretrained(janus_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.gen_table.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _copy(janus_dir, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(janus_dir, target)
+    return target
+
+
+def test_missing_directory_and_files(janus_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory"):
+        UnifiedModel.from_pretrained(tmp_path / "nowhere")
+    broken = _copy(janus_dir, tmp_path)
+    (broken / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        UnifiedModel.from_pretrained(broken)
+
+
+def test_pickled_weights_are_refused(janus_dir, tmp_path):
+    broken = _copy(janus_dir, tmp_path)
+    (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickled weights"):
+        UnifiedModel.from_pretrained(broken)
+
+
+def test_unknown_architecture(janus_dir, tmp_path):
+    broken = _copy(janus_dir, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["model_type"], config["architectures"] = "chameleon", ["ChameleonForConditionalGeneration"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        UnifiedModel.from_pretrained(broken)
+
+
+def test_missing_tensor(janus_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = _copy(janus_dir, tmp_path)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.language_model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing .*layers.1.mlp.down_proj"):
+        UnifiedModel.from_pretrained(broken)
+
+
+def test_prompt_ids_outside_the_vocabulary(model):
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 256\)"):
+        model.embed_prompt(torch.tensor([[1, 256]]))
+    with pytest.raises(TypeError, match="input_ids must hold integer ids"):
+        model.embed_prompt(torch.tensor([[1.0, 2.0]]))
+
+
+def test_image_placeholder_count_is_checked(model):
+    ids = torch.tensor([[presets.BOS] + [presets.IMAGE] * 10])
+    with pytest.raises(ValueError, match="10 image_token_id"):
+        model.embed_prompt(ids, torch.zeros(1, 3, 384, 384))
