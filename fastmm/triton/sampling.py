@@ -1,0 +1,357 @@
+"""Triton kernel of the `sampling` family: fused classifier-free-guidance sampling of image tokens.
+
+One program per output row mixes the row's G groups of logits, divides by the temperature, keeps top-k then
+top-p, and draws by an exponential race, argmax (s - log E) over the kept ids. Semantics, tie rules and the RNG
+(the same E for the same seed, offset, row and id in every backend): ``fastmm.reference.sampling``.
+
+Inputs arrive validated from ``fastmm.ops.sampling``: logits [G*B, V] with unit stride along V, offset one
+int64 on the device, read by the kernel. Nothing here syncs the host, so a decode step that calls it can be
+captured in a CUDA graph and replayed while the caller increments offset in place.
+
+Layout: a program loops over its row's allowed ids [lo, hi) in tiles of BLOCK_V, recomputing the guided
+scores from the logits in every pass rather than storing them (the G rows stay in L2), with per-tile
+reductions carried in scalars:
+- log_softmax mix: two passes per group over all V (max, then sum of exp) for its shift.
+- temperature 0: one pass, argmax of the guided scores, the lowest id on ties.
+- top-k: the threshold is the key of the k-th largest score, found bit by bit from the top over the scores'
+  order-preserving uint32 keys: 32 passes, each counting the ids whose key reaches prefix | bit and keeping
+  the bit when at least k do. The result is exactly the k-th largest key, so ties with it are kept.
+- top-p: one pass for the max, one for Z = sum of exp(s - max) over the kept ids, then the same 32-bit
+  search for the largest key whose mass (sum of exp(s - max) over keys >= it) reaches top_p * Z. Each pass
+  sums in the same fixed order with some ids masked to 0, so the mass cannot grow with the key and the search
+  is exact for these sums (other backends sum in another order: only near-ties at the boundary can differ).
+- the race: one pass, argmax of s - log E over the kept ids.
+FP fusion is off at launch (enable_fp_fusion=False) and divisions use div_rn, so that every operation the
+reference rounds to fp32 rounds the same way here: the race is bit-exact with the reference and native.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmm.reference import sampling as reference
+from fastmm.triton._shared import TRITON_DTYPE, aot_signature
+from fastmm.triton.aot import AotConfig, register_aot
+
+__all__ = ["cfg_sample"]
+
+_ONE_BITS = tl.constexpr(reference.ONE_BITS)
+_SQRT_HALF_BITS = tl.constexpr(reference.SQRT_HALF_BITS)
+_LN2_HI = tl.constexpr(reference.LN2_HI)
+_LN2_LO = tl.constexpr(reference.LN2_LO)
+_LG1 = tl.constexpr(reference.LG1)
+_LG2 = tl.constexpr(reference.LG2)
+_LG3 = tl.constexpr(reference.LG3)
+_LG4 = tl.constexpr(reference.LG4)
+_W_MAX = tl.constexpr(reference.W_MAX)
+_TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
+
+# ----------------------------------------------------------------------------------------------------
+# The RNG (reference: hash32, row_keys, exponential, log_f32)
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hash32(x):
+    """lowbias32 on uint32."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _row_keys(seed, step, row):
+    """(key1, key2): the RNG words of one row for (seed, offset)."""
+    state = _hash32(seed.to(tl.uint32, bitcast=True))
+    state = _hash32(state ^ (step & 0xFFFFFFFF).to(tl.uint32))
+    state = _hash32(state ^ ((step >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    key1 = _hash32(state ^ row.to(tl.uint32))
+    return key1, _hash32(key1 ^ 0x9E3779B9)
+
+
+@triton.jit
+def _log_f32(x):
+    """FreeBSD / musl logf of positive normal x, operation for operation (reference.log_f32)."""
+    bits = x.to(tl.int32, bitcast=True) + (_ONE_BITS - _SQRT_HALF_BITS)
+    k = (bits >> 23) - 0x7F
+    f = ((bits & 0x007FFFFF) + _SQRT_HALF_BITS).to(tl.float32, bitcast=True) - 1.0
+    s = tl.math.div_rn(f, 2.0 + f)
+    z = s * s
+    w = z * z
+    r = z * (_LG1 + w * _LG3) + w * (_LG2 + w * _LG4)
+    hfsq = 0.5 * f * f
+    dk = k.to(tl.float32)
+    return s * (hfsq + r) + dk * _LN2_LO - hfsq + f + dk * _LN2_HI
+
+
+@triton.jit
+def _race_noise(ids, key1, key2):
+    """-log(E) for ids (int32): what the race adds to their scores (reference.race_noise)."""
+    bits = _hash32(_hash32(ids.to(tl.uint32) ^ key1) ^ key2)
+    w = tl.minimum(bits.to(tl.float32) + 0.5, _W_MAX) * _TWO_POW_MINUS_32
+    x = -w
+    u = 1.0 + x
+    e = -(_log_f32(u) + (x - (u - 1.0)))  # -log1p(x), see the reference
+    return -_log_f32(e)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ordered_keys(s):
+    """uint32 keys in the order of the scores (NaN excluded); -0 shares +0's key."""
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit
+def _group(GROUP_ROW, ids, mask, shift, log_sum):
+    """One group's logits at ids as fp32, minus its log_softmax statistics ((x - 0) - 0 == x for raw logits)."""
+    return (tl.load(GROUP_ROW + ids, mask=mask, other=0.0).to(tl.float32) - shift) - log_sum
+
+
+@triton.jit
+def _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G: tl.constexpr):
+    """Guided scores of ids divided by the temperature (reference.guided_scores, in its order of operations);
+    NaN and masked lanes -inf. stats holds (max, log_sum) per group."""
+    g0 = _group(ROW, ids, mask, stats[0], stats[1])
+    z = g0
+    if G >= 2:
+        g1 = _group(ROW + group_stride, ids, mask, stats[2], stats[3])
+        if G == 2:
+            z = g1 + (g0 - g1) * scale0
+        else:
+            g2 = _group(ROW + 2 * group_stride, ids, mask, stats[4], stats[5])
+            z = (g2 + (g1 - g2) * scale1) + (g0 - g1) * scale0
+    z = tl.where(mask & (z == z), z, float("-inf"))  # z == z is false for NaN only
+    return tl.math.div_rn(z, temperature)
+
+
+@triton.jit
+def _log_softmax_stats(GROUP_ROW, V, BLOCK_V: tl.constexpr):
+    """(max, log of sum exp(x - max)) of one group's row over all V ids, as torch's log_softmax computes them."""
+    cols = tl.arange(0, BLOCK_V)
+    running = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(GROUP_ROW + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        running = tl.maximum(running, x)
+    row_max = tl.max(running, axis=0)
+    total = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(GROUP_ROW + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        total += tl.exp(x - row_max)
+    return row_max, tl.log(tl.sum(total, axis=0))
+
+
+@triton.jit
+def _argmax_update(best, best_id, values, ids, hi):
+    """Running (max, id): the tile's lowest id holding its max replaces the best only when strictly larger,
+    so ties go to the lowest id (earlier tiles hold lower ids)."""
+    tile_max = tl.max(values, axis=0)
+    tile_id = tl.min(tl.where(values == tile_max, ids, hi), axis=0)
+    better = tile_max > best
+    return tl.where(better, tile_max, best), tl.where(better, tile_id, best_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Passes over a row's allowed ids
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _count_keys(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, G: tl.constexpr,
+                BLOCK_V: tl.constexpr):  # fmt: skip
+    """How many allowed ids have an ordered key >= min_key."""
+    count = tl.zeros((BLOCK_V,), tl.int32)
+    for start in range(lo, hi, BLOCK_V):
+        ids = start + tl.arange(0, BLOCK_V)
+        mask = ids < hi
+        s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
+        count += (mask & (_ordered_keys(s) >= min_key)).to(tl.int32)
+    return tl.sum(count, axis=0)
+
+
+@triton.jit
+def _max_score(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, G: tl.constexpr,
+               BLOCK_V: tl.constexpr):  # fmt: skip
+    """The largest score of the allowed ids."""
+    running = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    for start in range(lo, hi, BLOCK_V):
+        ids = start + tl.arange(0, BLOCK_V)
+        running = tl.maximum(running, _scores(ROW, group_stride, ids, ids < hi, stats, scale0, scale1, temperature, G))
+    return tl.max(running, axis=0)
+
+
+@triton.jit
+def _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, candidate, s_max,
+               G: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """Sum of exp(s - s_max) over the allowed ids whose key is >= both min_key and candidate, in a fixed order
+    (lane-wise over tiles, then a tree): masking more ids can only lower it."""
+    total = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(lo, hi, BLOCK_V):
+        ids = start + tl.arange(0, BLOCK_V)
+        mask = ids < hi
+        s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
+        keys = _ordered_keys(s)
+        total += tl.where(mask & (keys >= min_key) & (keys >= candidate), tl.exp(s - s_max), 0.0)
+    return tl.sum(total, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+# Scalars that may be 1 stay runtime values: a specialization per value would recompile mid-generation.
+@triton.jit(do_not_specialize=["B", "lo", "hi", "top_k", "log_softmax", "seed"])
+def _cfg_sample_kernel(
+    LOGITS,  # [G*B, V] logits, unit stride along V
+    OFFSET,  # [1] int64 RNG offset (the decode step), read here
+    OUT,  # [B] int64 out: the sampled ids
+    B,
+    V,
+    stride_row,
+    lo,  # allowed ids: [lo, hi)
+    hi,
+    scale0,
+    scale1,
+    temperature,  # 0: greedy
+    top_k,  # 0: off
+    top_p,  # 1.0: off
+    log_softmax,  # 1: mix log-softmaxed groups (Emu3); 0: raw logits
+    seed,  # int32 bit pattern of the uint32 seed
+    G: tl.constexpr,  # groups: 1, 2 or 3
+    BLOCK_V: tl.constexpr,  # ids per tile, set by the launcher
+):
+    row = tl.program_id(0)
+    ROW = LOGITS + row.to(tl.int64) * stride_row
+    group_stride = B.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+
+    zero = tl.zeros((), tl.float32)
+    stats = (zero, zero, zero, zero, zero, zero)  # (max, log_sum) per group, 0 for raw logits
+    if log_softmax != 0:
+        max0, log_sum0 = _log_softmax_stats(ROW, V, BLOCK_V)
+        max1, log_sum1 = zero, zero
+        max2, log_sum2 = zero, zero
+        if G >= 2:
+            max1, log_sum1 = _log_softmax_stats(ROW + group_stride, V, BLOCK_V)
+        if G >= 3:
+            max2, log_sum2 = _log_softmax_stats(ROW + 2 * group_stride, V, BLOCK_V)
+        stats = (max0, log_sum0, max1, log_sum1, max2, log_sum2)
+
+    best = tl.full((), float("-inf"), tl.float32)
+    best_id = lo
+    if temperature == 0.0:
+        for start in range(lo, hi, BLOCK_V):
+            ids = start + cols
+            mask = ids < hi
+            z = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, 1.0, G)
+            best, best_id = _argmax_update(best, best_id, z, ids, hi)
+    else:
+        min_key = tl.zeros((), tl.uint32)  # kept: ordered key >= min_key
+        top_bit = tl.full((), 0x80000000, tl.uint32)
+        if top_k > 0 and top_k < hi - lo:
+            for bit in range(32):
+                candidate = min_key | (top_bit >> bit)
+                count = _count_keys(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, candidate, G,
+                                    BLOCK_V)  # fmt: skip
+                min_key = tl.where(count >= top_k, candidate, min_key)
+        if top_p < 1.0:
+            s_max = _max_score(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, G, BLOCK_V)
+            # Z is the mass at candidate 0 (every kept id): summed exactly like the masses below.
+            target = top_p * _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, 0,
+                                        s_max, G, BLOCK_V)  # fmt: skip
+            prefix = tl.zeros((), tl.uint32)
+            for bit in range(32):
+                candidate = prefix | (top_bit >> bit)
+                mass = _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, candidate,
+                                  s_max, G, BLOCK_V)  # fmt: skip
+                prefix = tl.where(mass >= target, candidate, prefix)  # a NaN Z leaves 0: keep all
+            min_key = tl.maximum(min_key, prefix)
+        key1, key2 = _row_keys(seed, tl.load(OFFSET), row)
+        for start in range(lo, hi, BLOCK_V):
+            ids = start + cols
+            mask = ids < hi
+            s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
+            kept = mask & (_ordered_keys(s) >= min_key)
+            race = tl.where(kept, s + _race_noise(ids, key1, key2), float("-inf"))
+            best, best_id = _argmax_update(best, best_id, race, ids, hi)
+    tl.store(OUT + row, best_id.to(tl.int64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------
+
+# 4 ids per thread: about 60 registers on sm_80 and sm_90 with no stack, where 4 warps (8 ids per thread) put
+# the call frame of div_rn's slow path on the stack.
+_BLOCK_V = 1024
+_NUM_WARPS = 8
+_INT32_PATTERN = 1 << 32
+
+
+def cfg_sample(
+    logits: torch.Tensor,
+    scales: tuple[float, ...],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    lo: int,
+    hi: int,
+    log_softmax: bool,
+    seed: int,
+    offset: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Guided sample of one id per row: fastmm.reference.sampling.cfg_sample's semantics and RNG.
+
+    logits [G*B, V] fp32 / fp16 / bf16, G = len(scales) + 1, unit stride along V; 0 <= lo < hi <= V;
+    temperature >= 0 (0: greedy); top_k >= 0 (0: off); top_p in (0, 1] (1: off); seed in [0, 2^32); offset
+    None (step 0) or int64 [1] on logits' device, read by the kernel; out None or int64 [B] to write.
+    Returns ids [B] int64 in [lo, hi).
+    """
+    G = len(scales) + 1
+    B, V = logits.shape[0] // G, logits.shape[1]
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    if offset is None:
+        offset = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    scale0, scale1 = (*map(float, scales), 0.0, 0.0)[:2]
+    seed_bits = seed - _INT32_PATTERN if seed >= _INT32_PATTERN // 2 else seed
+    _cfg_sample_kernel[(B,)](
+        logits, offset, out, B, V, logits.stride(0), lo, hi, scale0, scale1, float(temperature), top_k,
+        float(top_p), int(log_softmax), seed_bits, G=G, BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time registration: every dtype and group count the launcher can run
+# ----------------------------------------------------------------------------------------------------
+
+
+def _aot_config(dtype: str, groups: int) -> AotConfig:
+    """The launch for logits in ``dtype`` with ``groups`` groups; V and the row stride multiples of 16, as at
+    every real vocabulary (16384, 32768, 65536). The AOT compile keeps triton's default FP fusion, the kernel
+    launches without it: the same instructions but for FMAs, so the same register budget within a few."""
+    constexprs = {"G": groups, "BLOCK_V": _BLOCK_V}
+    pointers = {"LOGITS": f"*{dtype}", "OFFSET": "*i64", "OUT": "*i64"}
+    floats = ("scale0", "scale1", "temperature", "top_p")
+    signature = aot_signature(_cfg_sample_kernel, pointers, constexprs, floats=floats)
+    label = f"{dtype} G={groups} BLOCK_V={_BLOCK_V}"
+    return AotConfig(label, signature, constexprs, _NUM_WARPS, 1, ("V", "stride_row"))
+
+
+register_aot(
+    _cfg_sample_kernel, [_aot_config(dtype, groups) for dtype in TRITON_DTYPE.values() for groups in (1, 2, 3)]
+)
