@@ -5,7 +5,9 @@
 #include <cstdint>
 
 #include "attention.h"
+#include "linear.h"
 #include "norm.h"
+#include "sampling.h"
 #include "vq.h"
 
 namespace py = pybind11;
@@ -92,6 +94,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_codes"), py::arg("indices"), py::arg("dtype"), py::arg("num_threads"), Release());
 
   m.def(
+      "skinny_linear",
+      [](uintptr_t x, int64_t x_row_stride, uintptr_t weight, int64_t weight_row_stride, uintptr_t bias,
+         uintptr_t y, int64_t rows, int64_t in_features, int64_t out_features, int dtype, int num_threads) {
+        fastmm::skinny_linear(ptr<const void>(x), x_row_stride, ptr<const void>(weight), weight_row_stride,
+                              ptr<const void>(bias), ptr<void>(y), rows, in_features, out_features, dtype,
+                              num_threads);
+      },
+      py::arg("x"), py::arg("x_row_stride"), py::arg("weight"), py::arg("weight_row_stride"), py::arg("bias"),
+      py::arg("y"), py::arg("rows"), py::arg("in_features"), py::arg("out_features"), py::arg("dtype"),
+      py::arg("num_threads"), Release());
+
+  m.def(
       "span_attention_fwd",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start, uintptr_t kv_end, uintptr_t o, uintptr_t lse,
          int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length, int64_t head_dim, double scale, int dtype,
@@ -117,4 +131,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_len"), py::arg("o"), py::arg("batch"),
       py::arg("q_heads"), py::arg("kv_heads"), py::arg("num_queries"), py::arg("cache_size"), py::arg("head_dim"),
       py::arg("scale"), py::arg("dtype"), py::arg("num_threads"), Release());
+
+  m.def(
+      "cfg_sample",
+      [](uintptr_t logits, int64_t batch, int64_t groups, int64_t vocab, int64_t row_stride, double scale0,
+         double scale1, double temperature, int64_t top_k, double top_p, int64_t lo, int64_t hi, bool log_softmax,
+         uint32_t seed, uintptr_t offset, uintptr_t out, int dtype, int num_threads) {
+        fastmm::cfg_sample(ptr<const void>(logits), batch, groups, vocab, row_stride, scale0, scale1, temperature,
+                           top_k, top_p, lo, hi, log_softmax, seed, ptr<const int64_t>(offset), ptr<int64_t>(out),
+                           dtype, num_threads);
+      },
+      py::arg("logits"), py::arg("batch"), py::arg("groups"), py::arg("vocab"), py::arg("row_stride"),
+      py::arg("scale0"), py::arg("scale1"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+      py::arg("lo"), py::arg("hi"), py::arg("log_softmax"), py::arg("seed"), py::arg("offset"), py::arg("out"),
+      py::arg("dtype"), py::arg("num_threads"), Release());
 }

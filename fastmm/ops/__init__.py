@@ -3,7 +3,9 @@
 Each is also registered as ``torch.ops.fastmm.<name>`` for torch.compile and autograd."""
 
 from fastmm.ops.attention import decode_attention, key_ranges, span_attention
+from fastmm.ops.linear import linear
 from fastmm.ops.norm import modality_layer_norm, modality_rms_norm, routed_linear
+from fastmm.ops.sampling import cfg_sample
 from fastmm.ops.vq import vq_embed, vq_quantize
 
 __all__ = [
@@ -15,4 +17,6 @@ __all__ = [
     "key_ranges",
     "span_attention",
     "decode_attention",
+    "linear",
+    "cfg_sample",
 ]

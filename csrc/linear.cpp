@@ -1,0 +1,146 @@
+// linear family: y = x W^T (+ b) for the few rows of x of a decode step (one per sequence, two with
+// classifier-free guidance), where the product is one pass over the weights and memory bandwidth is the limit.
+//
+// A GEMM library blocks for large M and reads W at a fraction of the bandwidth here: MKL's sgemm on the AMD
+// development host streams W at 2-15 GB/s for M = 1..8, while one pass of plain FMAs reaches DRAM speed.
+//
+// x is widened once into an fp32 buffer, zero-padded to whole 16-lane blocks (a few KiB: it stays in L1/L2).
+// Threads split the weight rows into contiguous ranges, so each streams its own part of W in memory order.
+// A tile of 8 weight rows x 2 rows of x keeps 16 accumulators of 16 fp32 lanes in registers, vectorized along
+// K: each weight block loaded (and widened from fp16 / bf16) feeds 2 FMAs, each x block 8. Per tile, one
+// horizontal sum per output. For M > 2, the tile's weight rows are read again for each further pair of rows of
+// x, from L1 / L2: the pass that brings them from memory stays as light as at M = 2, so the memory stream
+// keeps pace while the extra FMAs run on cached data.
+//
+// Measured on the 2-thread AMD EPYC development host (weights from DRAM and from L3, M = 1..16) against
+// tiles of 4 x 4, 4 x 6, 8 x 4, 2 x 8 and 16 x 1, software prefetch 0.5-2 KiB ahead or of the next tile, and
+// a transposed reduction of 16 accumulators at once: none was faster than 8 x 2 with hardware prefetch
+// alone. At M = 1 and 2 it reaches DRAM bandwidth; from M = 8 on, the FMAs (M per weight element) limit it.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "linear.h"
+
+namespace fastmm {
+namespace {
+
+// The sum of v's 16 lanes, in any order: the result stays within fp32 accumulation error.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// GCC 12's intrinsic headers trip -W(maybe-)uninitialized on their own _mm256_undefined_pd (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+inline float horizontal_sum(f32x16 v) { return _mm512_reduce_add_ps(v); }
+#pragma GCC diagnostic pop
+#else
+inline float horizontal_sum(f32x16 v) { return lane_sum(v); }
+#endif
+
+// Rows of x in fp32, [rows][padded] with padded = dim rounded up to whole blocks and zeros past dim.
+template <typename T>
+std::vector<float> widen_rows(const T* x, int64_t stride, int64_t rows, int64_t dim, int64_t padded) {
+  std::vector<float> out(rows * padded, 0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    const T* src = x + m * stride;
+    float* dst = out.data() + m * padded;
+    for_each_block(dim, [=](int64_t j, auto n) { store_block(dst + j, load_block(src + j, n), n); });
+  }
+  return out;
+}
+
+// What every tile reads and writes: the weight rows, the widened x, the bias and the output.
+template <typename T>
+struct Problem {
+  const T* weight;
+  int64_t weight_stride;
+  const float* x;  // [rows][padded] fp32
+  int64_t rows;
+  int64_t dim;
+  int64_t padded;
+  const T* bias;  // or null
+  T* y;           // [rows][out_features]
+  int64_t out_features;
+};
+
+// y[m][n + r] for r < R and the MB rows of x from first_row: R weight rows against MB rows of x, each weight
+// block loaded once for all MB rows. The last, partial block of a weight row loads zeros past dim, which meet
+// the zero padding of x.
+template <int R, int MB, typename T>
+void tile(const Problem<T>& pb, int64_t n, int64_t first_row) {
+  const T* w = pb.weight + n * pb.weight_stride;
+  const float* x = pb.x + first_row * pb.padded;
+  f32x16 acc[MB][R] = {};
+  const auto accumulate = [&](int64_t j, auto count) {
+    f32x16 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_block(w + r * pb.weight_stride + j, count);
+    for (int m = 0; m < MB; ++m) {
+      const f32x16 xv = load_block(x + m * pb.padded + j, FullBlock{});
+      for (int r = 0; r < R; ++r) acc[m][r] = fma_lanes(wv[r], xv, acc[m][r]);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kBlock <= pb.dim; j += kBlock) accumulate(j, FullBlock{});
+  if (j < pb.dim) accumulate(j, pb.dim - j);
+  for (int m = 0; m < MB; ++m) {
+    T* out = pb.y + (first_row + m) * pb.out_features + n;
+    for (int r = 0; r < R; ++r) {
+      out[r] = from_float<T>(horizontal_sum(acc[m][r]) + (pb.bias ? to_float(pb.bias[n + r]) : 0.f));
+    }
+  }
+}
+
+// R weight rows from n against every row of x: pairs of rows, then the last row when M is odd.
+template <int R, typename T>
+void weight_tile(const Problem<T>& pb, int64_t n) {
+  int64_t m = 0;
+  for (; m + 2 <= pb.rows; m += 2) tile<R, 2>(pb, n, m);
+  if (m < pb.rows) tile<R, 1>(pb, n, m);
+}
+
+constexpr int kTileWeightRows = 8;  // R of the tiles (see the top of this file)
+
+// Bytes of weights below which one more thread costs more to wake and join than it saves: about 5 us of one
+// core streaming from L2 / L3.
+constexpr int64_t kMinWeightBytesPerThread = 1 << 17;
+
+// Tiles of kTileWeightRows weight rows, split among the threads in contiguous ranges; the last out_features %
+// kTileWeightRows rows one at a time.
+template <typename T>
+void run(const Problem<T>& pb, int num_threads) {
+  constexpr int R = kTileWeightRows;
+  const int64_t bytes = pb.out_features * pb.dim * static_cast<int64_t>(sizeof(T));
+  const int threads = static_cast<int>(std::clamp<int64_t>(bytes / kMinWeightBytesPerThread, 1, num_threads));
+  const int64_t tiles = (pb.out_features + R - 1) / R;
+  parallel_for(tiles, threads, [&](int64_t begin, int64_t end, int) {
+    const int64_t last = std::min(end * R, pb.out_features);
+    int64_t n = begin * R;
+    for (; n + R <= last; n += R) weight_tile<R>(pb, n);
+    for (; n < last; ++n) weight_tile<1>(pb, n);
+  });
+}
+
+}  // namespace
+
+// ---- entry point (bound in bindings.cpp) ------------------------------------------------------------------
+
+void skinny_linear(const void* x, int64_t x_row_stride, const void* weight, int64_t weight_row_stride,
+                   const void* bias, void* y, int64_t rows, int64_t in_features, int64_t out_features, int dtype,
+                   int num_threads) {
+  FASTMM_CHECK(rows >= 0 && in_features >= 0 && out_features >= 0, __func__,
+               "rows, in_features and out_features must be >= 0, got " + std::to_string(rows) + ", " +
+                   std::to_string(in_features) + " and " + std::to_string(out_features));
+  FASTMM_CHECK(x_row_stride >= 0 && weight_row_stride >= 0, __func__, "row strides must be >= 0");
+  FASTMM_CHECK(num_threads >= 1, __func__, "num_threads must be >= 1, got " + std::to_string(num_threads));
+  if (rows == 0 || out_features == 0) return;
+  dispatch_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const int64_t padded = (in_features + kBlock - 1) / kBlock * kBlock;
+    const std::vector<float> wide = widen_rows(static_cast<const T*>(x), x_row_stride, rows, in_features, padded);
+    const Problem<T> pb{static_cast<const T*>(weight), weight_row_stride, wide.data(), rows, in_features, padded,
+                        static_cast<const T*>(bias), static_cast<T*>(y), out_features};
+    run(pb, num_threads);
+  });
+}
+
+}  // namespace fastmm
