@@ -155,3 +155,30 @@ def test_image_placeholder_count_is_checked(model):
     ids = torch.tensor([[presets.BOS] + [presets.IMAGE] * 10])
     with pytest.raises(ValueError, match="10 image_token_id"):
         model.embed_prompt(ids, torch.zeros(1, 3, 384, 384))
+
+
+@torch.no_grad()
+def test_modality_adaptive_decoder_routes_norms_and_kv_by_modality():
+    """mPLUG-Owl2 switch: with the image weights equal to the text weights the modality ids change nothing;
+    changing the image weights changes the image positions and what follows, never the text before them."""
+    import dataclasses
+
+    config = dataclasses.replace(presets.demo_config("tiny"), modality_adaptive=True, vision=None, image_gen=None, vq=None)
+    torch.manual_seed(0)
+    model = UnifiedModel(config).eval()
+    routed = [p for name, p in model.named_parameters() if name.endswith(("norm.weight", "kv_proj.weight"))]
+    assert routed and all(p.shape[0] == 2 for p in routed)
+    for p in routed:
+        p[1] = p[0]
+    ids = torch.tensor([[presets.BOS, 10, 11, 12, 13, 14]])
+    modality = torch.tensor([[0, 0, 1, 1, 0, 0]])
+
+    def run(modality):
+        cache = model.decoder.new_cache(1, 8)
+        return model.decoder(model.embed_prompt(ids), modality, cache, prefill=True)
+
+    torch.testing.assert_close(run(modality), run(torch.zeros_like(modality)))
+    for p in routed:
+        p[1] += 0.5
+    changed = (run(modality) - run(torch.zeros_like(modality))).abs().amax(dim=-1)[0]
+    assert changed[:2].max() == 0 and changed[2:].min() > 0

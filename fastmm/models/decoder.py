@@ -14,6 +14,7 @@ from torch import nn
 
 from fastmm import ops
 from fastmm.models.config import UnifiedConfig
+from fastmm.models.linear import Linear
 from fastmm.nn.attention import apply_rope
 from fastmm.nn.norm import ModalityRMSNorm, RoutedLinear
 from fastmm.runtime.kv_cache import KVCache
@@ -43,20 +44,19 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split = (q_width, kv_width, kv_width)
         bias = config.attention_bias
         if config.modality_adaptive:
-            self.q_proj = nn.Linear(config.hidden_size, q_width, bias=bias)
+            self.q_proj = Linear(config.hidden_size, q_width, bias=bias)
             self.kv_proj = RoutedLinear(config.num_modalities, config.hidden_size, 2 * kv_width, bias=bias)
         else:
-            self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=bias)
-        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=bias)
+            self.qkv_proj = Linear(config.hidden_size, q_width + 2 * kv_width, bias=bias)
+        self.o_proj = Linear(q_width, config.hidden_size, bias=bias)
 
-    def _project(self, x: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """q, k, v side by side: [B, L, (Hq + 2 Hkv) d]."""
         if hasattr(self, "qkv_proj"):
-            return self.qkv_proj(x).split(self.split, dim=-1)
-        k, v = self.kv_proj(x, modality).chunk(2, dim=-1)
-        return self.q_proj(x), k, v
+            return self.qkv_proj(x)
+        return torch.cat([self.q_proj(x), self.kv_proj(x, modality)], dim=-1)
 
     def forward(
         self,
@@ -72,10 +72,10 @@ class Attention(nn.Module):
         Prefill (the cache empty): causal span_attention over the L tokens. Otherwise decode_attention over
         the valid cache (the new tokens included)."""
         B, L, _ = x.shape
-        q, k, v = self._project(x, modality)
-        q = apply_rope(q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, Hq, L, d)
-        k = apply_rope(k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, Hkv, L, d)
-        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, d)
+        Hq, Hkv = self.num_heads, self.num_kv_heads
+        heads = self._project(x, modality).view(B, L, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+        qk = apply_rope(heads[:, : Hq + Hkv], cos, sin)  # q and k heads rotated in one pass
+        q, k, v = qk[:, :Hq], qk[:, Hq:], heads[:, Hq + Hkv :]
         cache.write(layer_index, k, v, cache.lengths)
         if prefill:
             out = ops.span_attention(q, k, v)
@@ -90,8 +90,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: UnifiedConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -110,7 +110,8 @@ class DecoderLayer(nn.Module):
         """One pre-norm block on the residual stream; returns (block output, residual) with the add of the
         output deferred to the next norm, where it is fused."""
         h, residual = norm_with_residual(self.input_norm, x, modality, residual)
-        h, residual = self.post_attention_norm(self.attn(h, modality, cos, sin, cache, layer_index, prefill), modality, residual)
+        attended = self.attn(h, modality, cos, sin, cache, layer_index, prefill)
+        h, residual = self.post_attention_norm(attended, modality, residual)
         return self.mlp(h), residual
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from fastmm import ops
 from fastmm.models import convert
 from fastmm.models.config import UnifiedConfig
+from fastmm.models.linear import Linear
 from fastmm.models.decoder import Decoder, rope_table
 from fastmm.models.vision import AlignerMLP, VisionEncoder
 from fastmm.models.vq_tokenizer import VQTokenizer
@@ -31,8 +32,8 @@ class GenerationHead(nn.Module):
 
     def __init__(self, hidden_size: int, width: int, codebook_size: int):
         super().__init__()
-        self.proj_out = nn.Linear(hidden_size, width)
-        self.vision_head = nn.Linear(width, codebook_size)
+        self.proj_out = Linear(hidden_size, width)
+        self.vision_head = Linear(width, codebook_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.vision_head(F.gelu(self.proj_out(hidden)))
@@ -43,7 +44,7 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.config = config
         self.decoder = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.decoder.embed_tokens.weight
         self.vision = VisionEncoder(config.vision) if config.vision is not None else None
