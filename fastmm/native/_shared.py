@@ -4,3 +4,12 @@ import torch
 
 # fastmm::DType codes (csrc/common.h).
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# Below this many elements of work per thread, a parallel region costs more than it saves (it is a few
+# microseconds on idle cores, and a scheduler time slice on busy ones): decode-sized calls stay on one thread.
+MIN_WORK_PER_THREAD = 32768
+
+
+def threads_for(work: int) -> int:
+    """OpenMP threads for a call touching ``work`` elements: torch's thread count, fewer for small calls."""
+    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE
+from fastmm.native._shared import DTYPE_CODE, threads_for
 
 
 def _check_buffers(**buffers: tuple[torch.Tensor, tuple[int, ...], torch.dtype]) -> None:
@@ -86,12 +86,13 @@ def decode_attention_fwd(
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     _check_buffers(q=(q, (B, Hq, Lq, d), q.dtype), k_cache=(k_cache, (B, Hkv, S, d), q.dtype),
                    v_cache=(v_cache, (B, Hkv, S, d), q.dtype), cache_len=(cache_len, (B,), torch.int32))  # fmt: skip
-    if cache_len.numel() and (cache_len.min() < Lq or cache_len.max() > S):
+    lo, hi = (int(bound) for bound in torch.aminmax(cache_len)) if cache_len.numel() else (Lq, S)
+    if lo < Lq or hi > S:
         raise ValueError(f"native attention kernel: cache_len must lie in [Lq = {Lq}, S = {S}]")
     o = torch.empty_like(q)
     if o.numel():
         _C.decode_attention_fwd(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_len.data_ptr(), o.data_ptr(), B, Hq, Hkv,
-            Lq, S, d, scale, DTYPE_CODE[q.dtype], torch.get_num_threads(),
+            Lq, S, d, scale, DTYPE_CODE[q.dtype], threads_for(B * Hq * Lq * S * d),
         )  # fmt: skip
     return o

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE
+from fastmm.native._shared import DTYPE_CODE, threads_for
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -74,7 +74,7 @@ def rms_norm_fwd(
     if T:
         _C.rms_norm_fwd(
             x.data_ptr(), modality.data_ptr(), weight.data_ptr(), _ptr(residual), y.data_ptr(),
-            _ptr(residual_out), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype], torch.get_num_threads(),
+            _ptr(residual_out), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype], threads_for(T * D),
         )  # fmt: skip
     return y, residual_out, rstd
 

@@ -34,6 +34,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._rows = torch.arange(batch, device=device)  # row index of a single-token write
 
     @property
     def max_len(self) -> int:
@@ -64,6 +65,11 @@ class KVCache:
             raise ValueError(f"KVCache.write: positions must be [B] = ({B},), got {tuple(positions.shape)}")
         if positions.device.type == "cpu" and values_checkable(positions) and int(positions.max()) + T > self.max_len:
             raise ValueError(f"KVCache.write: positions + T reach {int(positions.max()) + T} > max_len {self.max_len}")
+        if T == 1:  # a decode step: one indexed assignment per buffer, half the cost of building a scatter index
+            at = (self._rows, slice(None), positions.long())
+            self.k[layer][at] = k[:, :, 0].to(self.k.dtype)  # (B, Hkv, d)
+            self.v[layer][at] = v[:, :, 0].to(self.v.dtype)
+            return
         index = (positions.long()[:, None] + torch.arange(T, device=positions.device))  # (B, T)
         index = index[:, None, :, None].expand(B, H, T, d)
         self.k[layer].scatter_(2, index, k.to(self.k.dtype))
