@@ -1,0 +1,257 @@
+"""Generation loops of the unified model: image tokens (the Janus recipe) and text.
+
+Image generation runs the conditional and unconditional rows of classifier-free guidance as one batch. After
+the prompt, every token is one *decode step*, a function of static buffers only:
+
+    embeds [R, 1, hidden] -> decoder (KV cache written at cache.lengths) -> generation head -> cfg_sample
+    (seed, step counter on the device) -> ids [N] -> tokens[:, step] = ids -> embeds = gen_table[ids]
+
+Nothing in it reads a tensor on the host, so on CUDA it is captured once as a CUDA graph and replayed per
+token (fastmm.runtime.cuda_graph); on CPU it runs eagerly on the same buffers, and it compiles with
+torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from fastmm import ops
+from fastmm.runtime.cuda_graph import capture_step
+from fastmm.runtime.kv_cache import KVCache
+
+ProgressCallback = Callable[[int, int], None]  # (tokens done, total)
+
+
+@dataclasses.dataclass
+class GeneratedImages:
+    tokens: torch.Tensor  # [num_images, num_image_tokens] int64 image tokens
+    pixels: torch.Tensor | None  # [num_images, 3, S, S] decoded by the VQ tokenizer, about [-1, 1]; None if skipped
+    time_to_first_token_s: float  # prompt prefill and the first sampled token
+    capture_s: float  # CUDA-graph warm-up and capture (0 without a graph)
+    decode_s: float  # every later token (num_image_tokens - 1 decode steps)
+    vq_decode_s: float  # tokens -> pixels
+    cuda_graph: bool  # whether the decode step ran as a replayed CUDA graph
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / max(self.tokens.shape[1] - 1, 1)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompt_rows(model, prompt_ids, num_images: int) -> torch.Tensor:
+    """prompt_ids (a sequence of ints, [L] or [1, L]) -> [num_images, L] int64 on the model's device."""
+    device = model.decoder.embed_tokens.weight.device
+    ids = torch.as_tensor(prompt_ids, device=device)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"generate_image: prompt_ids must be one non-empty prompt [L] (or [1, L]), got shape {tuple(ids.shape)}")
+    ids = ids.long()[None].repeat(num_images, 1)
+    model.check_ids("prompt_ids", ids)
+    return ids
+
+
+def _unconditional(model, cond: torch.Tensor) -> torch.Tensor:
+    """Janus's unconditional prompt: every token except BOS and BOI replaced by the pad token."""
+    config = model.config
+    for name in ("pad_token_id", "bos_token_id", "boi_token_id"):
+        if getattr(config, name) is None:
+            raise ValueError(f"generate_image: classifier-free guidance needs config.{name}, which is None")
+    keep = (cond == config.bos_token_id) | (cond == config.boi_token_id)
+    return torch.where(keep, cond, torch.full_like(cond, config.pad_token_id))
+
+
+def _check_sampling(cfg_scale: float, temperature: float, top_k: int | None, top_p: float | None, num_images: int) -> None:
+    if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"generate_image: cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate_image: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate_image: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"generate_image: top_p must be None or in (0, 1], got {top_p!r}")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"generate_image: num_images must be an int >= 1, got {num_images!r}")
+
+
+class ImageDecodeStep:
+    """The static buffers of one image generation and the decode step over them (see the module docstring)."""
+
+    def __init__(self, model, cache: KVCache, groups: int, scales: Sequence[float], temperature: float,
+                 top_k: int | None, top_p: float | None, seed: int, num_images: int):  # fmt: skip
+        device = cache.lengths.device
+        config = model.config
+        self.model, self.cache, self.groups = model, cache, groups
+        self.sampling = dict(scales=tuple(scales), temperature=float(temperature), top_k=top_k, top_p=top_p, seed=seed)
+        rows = groups * num_images
+        self.embeds = torch.zeros(rows, 1, config.hidden_size, dtype=model.gen_table.dtype, device=device)
+        image_modality = 1 if config.modality_adaptive else 0
+        self.modality = torch.full((rows, 1), image_modality, dtype=torch.int64, device=device)
+        self.ids = torch.zeros(num_images, dtype=torch.int64, device=device)
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)  # tokens sampled so far; the RNG offset
+        self.tokens = torch.zeros(num_images, config.image_gen.num_image_tokens, dtype=torch.int64, device=device)
+
+    def sample(self, logits: torch.Tensor) -> None:
+        """Sample the next token of every image from the head's logits [R, V] into the buffers."""
+        ops.cfg_sample(logits, offset=self.step, out=self.ids, **self.sampling)
+        self.tokens.index_copy_(1, self.step, self.ids[:, None])
+        self.embeds.copy_(self.model.image_embeds(self.ids.repeat(self.groups))[:, None])
+        self.step.add_(1)
+
+    def __call__(self) -> None:
+        """One decode step: the last sampled tokens through the decoder, then the next sample."""
+        hidden = self.model.decoder(self.embeds, self.modality, self.cache, prefill=False)[:, -1]  # (R, hidden)
+        self.sample(self.model.image_logits(hidden))
+
+
+@torch.no_grad()
+def start_image_generation(
+    model,
+    prompt_ids,
+    cfg_scale: float = 5.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+) -> ImageDecodeStep:
+    """Validate, run the prompt (conditional and unconditional rows) through the decoder into a fresh KV cache,
+    sample the first token, and return the decode step that produces the others (arguments as
+    generate_image). Each call of the returned step adds one token to its ``tokens`` buffer."""
+    if getattr(model, "gen_head", None) is None:
+        raise ValueError("generate_image: the model has no image-generation path (config.image_gen is None)")
+    _check_sampling(cfg_scale, temperature, top_k, top_p, num_images)
+    cond = _prompt_rows(model, prompt_ids, num_images)
+    guided = cfg_scale != 1
+    rows = torch.cat([cond, _unconditional(model, cond)]) if guided else cond
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    cache = model.decoder.new_cache(rows.shape[0], cond.shape[1] + model.config.image_gen.num_image_tokens)
+    step = ImageDecodeStep(model, cache, 2 if guided else 1, (float(cfg_scale),) if guided else (),
+                           temperature, top_k, top_p, seed, num_images)  # fmt: skip
+    hidden = model.decoder(model.embed_prompt(rows), torch.zeros_like(rows), cache, prefill=True)[:, -1]
+    step.sample(model.image_logits(hidden))
+    return step
+
+
+@torch.no_grad()
+def generate_image(
+    model,
+    prompt_ids,
+    cfg_scale: float = 5.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    use_cuda_graph: bool = True,
+    decode_pixels: bool = True,
+    progress: ProgressCallback | None = None,
+) -> GeneratedImages:
+    """Generate ``num_images`` images for one prompt, Janus recipe.
+
+    Args:
+        model: a fastmm.models.UnifiedModel with an image-generation path.
+        prompt_ids: the prompt's token ids (ending with the begin-of-image token), [L] or [1, L].
+        cfg_scale: classifier-free guidance u + s (c - u) over a conditional and an unconditional row per image
+            (the unconditional prompt keeps BOS and BOI, pads the rest). 1 = no guidance (one row per image);
+            below 0 is an error.
+        temperature: 0 = greedy (argmax of the guided logits).
+        top_k, top_p: optional filters applied before sampling.
+        seed: the sampling seed (None: drawn from torch's default generator); equal seeds give equal images.
+        use_cuda_graph: on CUDA, capture the decode step once and replay it per token.
+        decode_pixels: also run the VQ tokenizer's decoder.
+        progress: called as progress(tokens done, total) after each token.
+
+    Returns:
+        GeneratedImages with tokens [num_images, num_image_tokens], pixels and the timings.
+    """
+    start = time.perf_counter()
+    step = start_image_generation(model, prompt_ids, cfg_scale, temperature, top_k, top_p, seed, num_images)
+    device, total = step.tokens.device, step.tokens.shape[1]
+    _synchronize(device)
+    first = time.perf_counter()
+    if progress is not None:
+        progress(1, total)
+
+    graph = None
+    if use_cuda_graph and device.type == "cuda":
+        graph = capture_step(step, buffers=(step.cache.lengths, step.step, step.embeds, step.ids, step.tokens))
+    _synchronize(device)
+    captured = time.perf_counter()
+    run = graph.replay if graph is not None else step
+    for done in range(2, total + 1):
+        run()
+        if progress is not None:
+            progress(done, total)
+    _synchronize(device)
+    decoded = time.perf_counter()
+
+    pixels = model.decode_image_tokens(step.tokens) if decode_pixels else None
+    _synchronize(device)
+    return GeneratedImages(
+        tokens=step.tokens,
+        pixels=pixels,
+        time_to_first_token_s=first - start,
+        capture_s=captured - first,
+        decode_s=decoded - captured,
+        vq_decode_s=time.perf_counter() - decoded,
+        cuda_graph=graph is not None,
+    )
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    input_ids: torch.Tensor,
+    images: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Answer prompts (image understanding): ids [B, L] (equal lengths, no padding) with image_token_id
+    placeholders filled by ``images`` [N, 3, S, S] -> new tokens [B, n], n <= max_new_tokens.
+
+    temperature 0 = greedy. Generation stops once every row has produced config.eos_token_id; a row that
+    finished earlier is filled with the pad token (or EOS when the model has none) after its EOS.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate_text: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    _check_sampling(1.0, temperature, top_k, top_p, 1)
+    config = model.config
+    embeds = model.embed_prompt(input_ids, images)
+    B, L = input_ids.shape
+    device = embeds.device
+    seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+    cache = model.decoder.new_cache(B, L + max_new_tokens)
+    modality = torch.zeros(B, L, dtype=torch.int64, device=device)
+    hidden = model.decoder(embeds, modality, cache, prefill=True)[:, -1]
+    eos = config.eos_token_id
+    fill = config.pad_token_id if config.pad_token_id is not None else eos
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    step = torch.zeros(1, dtype=torch.int64, device=device)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        ids = ops.cfg_sample(model.text_logits(hidden), temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed, offset=step)  # fmt: skip
+        step.add_(1)
+        if eos is not None:
+            ids = torch.where(finished, torch.full_like(ids, fill), ids)
+            finished |= ids == eos
+        new_tokens.append(ids)
+        if eos is not None and bool(finished.all()):
+            break
+        embed = model.decoder.embed_tokens(ids)[:, None]  # (B, 1, hidden)
+        hidden = model.decoder(embed, modality[:, :1], cache, prefill=False)[:, -1]
+    return torch.stack(new_tokens, dim=1)
