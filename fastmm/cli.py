@@ -1,8 +1,10 @@
-"""The `fastmm` command: info | bench | kernels.
+"""The `fastmm` command: info | bench | kernels | generate.
 
     fastmm info [--no-roofline] [--json PATH]      versions, devices, backends, telemetry, CPU roofline
     fastmm bench SUITE|all [--out DIR] [--json PATH] [--quick] [--device auto|cpu|cuda]
     fastmm kernels [--aot] [--json PATH]           registered Triton kernels; --aot compiles them for sm_80/90
+    fastmm generate --model PATH --prompt-ids 1,2,3 --out image.png    Janus-recipe image generation
+    fastmm generate --demo                         the same on a small random-weight model (no weights needed)
 
 Human output goes to stdout as rich tables, progress and warnings to stderr, and ``--json PATH`` writes the
 same content for machines. Also runs as ``python -m fastmm.cli``.
@@ -203,6 +205,93 @@ def kernels(
         raise typer.Exit(1)
     if not results:
         err.print("no Triton kernels are registered")
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--prompt-ids") from None
+    if not ids:
+        raise typer.BadParameter("expected at least one id", param_hint="--prompt-ids")
+    return ids
+
+
+@app.command()
+def generate(
+    model_path: Optional[pathlib.Path] = typer.Option(None, "--model", help="A transformers Janus checkpoint directory."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Comma-separated prompt token ids (ending with BOI)."),
+    out_path: pathlib.Path = typer.Option(pathlib.Path("image.png"), "--out", help="PNG path (name_<i>.png for several)."),
+    demo: bool = typer.Option(False, "--demo", help="Use a small random-weight model: no checkpoint needed."),
+    preset: str = typer.Option("tiny", "--preset", help="With --demo: tiny, small or 1b (random weights)."),
+    cfg_scale: float = typer.Option(5.0, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    num_images: int = typer.Option(1, "--num-images"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Replay the decode step as a CUDA graph."),
+    json_path: Optional[pathlib.Path] = JsonOption,
+) -> None:
+    """Generate images: the prompt through the decoder, image tokens with guided sampling, VQ decode to PNG."""
+    from fastmm.image_io import save_png
+    from fastmm.models import UnifiedModel
+    from fastmm.models import presets
+    from fastmm.runtime import generate_image
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"expected auto, cpu or cuda, got {device!r}", param_hint="--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("cuda asked for, but torch sees no CUDA device", param_hint="--device")
+    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if demo == (model_path is not None):
+        raise typer.BadParameter("give either --model PATH or --demo", param_hint="--model")
+    if demo:
+        if preset not in presets.PRESETS:
+            raise typer.BadParameter(f"expected one of {presets.PRESETS}, got {preset!r}", param_hint="--preset")
+        torch.manual_seed(0)
+        with torch.device(target):
+            model = UnifiedModel(presets.demo_config(preset)).to(_DTYPES[dtype]).eval()
+        model.refresh_generation_table()
+        ids = _parse_ids(prompt_ids) if prompt_ids else [presets.BOS, 10, 11, 12, 13, presets.BOI]
+        err.print(f"demo: random-weight '{preset}' model; the picture will be noise from random weights", markup=False)
+    else:
+        if prompt_ids is None:
+            raise typer.BadParameter("required with --model", param_hint="--prompt-ids")
+        ids = _parse_ids(prompt_ids)
+        model = UnifiedModel.from_pretrained(model_path, dtype=_DTYPES[dtype], device=target)
+
+    columns = (TextColumn("image tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("generate", total=model.config.image_gen.num_image_tokens)
+        result = generate_image(
+            model, ids, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            num_images=num_images, use_cuda_graph=cuda_graph,
+            progress=lambda done, total: progress.update(task, completed=done),
+        )  # fmt: skip
+    paths = [
+        save_png(image, out_path if num_images == 1 else out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}"))
+        for i, image in enumerate(result.pixels)
+    ]
+    summary = {
+        "images": [str(p) for p in paths],
+        "device": str(target),
+        "dtype": dtype,
+        "image_tokens": result.tokens.shape[1],
+        "time_to_first_token_ms": round(1e3 * result.time_to_first_token_s, 2),
+        "ms_per_token": round(result.ms_per_token, 3),
+        "vq_decode_ms": round(1e3 * result.vq_decode_s, 1),
+        "cuda_graph": result.cuda_graph,
+    }
+    _print_records("fastmm generate", [summary])
+    _write_json(json_path, summary)
 
 
 def main() -> None:

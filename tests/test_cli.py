@@ -120,3 +120,54 @@ def test_memory_target_is_met_when_at_most_the_goal():
     for ours, met in ((4.0, True), (6.0, False)):
         [check] = bench_runner.check_targets(suite, [row("fastmm", ours), row("recipe", 100.0)])
         assert check.value == ours and check.met is met
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_generate_demo_writes_a_png(tmp_path):
+    result = _invoke("generate", "--demo", "--temperature", "0", "--out", str(tmp_path / "demo.png"),
+                     "--json", str(tmp_path / "summary.json"))  # fmt: skip
+    assert "noise from random weights" in result.output
+    assert _png_size(tmp_path / "demo.png") == (48, 48)  # the tiny preset's tokenizer: 24 x 24 tokens, one 2x level
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["image_tokens"] == 576 and summary["ms_per_token"] > 0
+
+
+def test_generate_from_a_checkpoint(tmp_path):
+    pytest.importorskip("transformers")
+    from fastmm.models import presets
+
+    path = presets.save_random_janus(tmp_path / "janus", "tiny")
+    ids = ",".join(str(i) for i in (presets.BOS, 10, 11, presets.BOI))
+    _invoke("generate", "--model", str(path), "--prompt-ids", ids, "--num-images", "2", "--seed", "3",
+            "--out", str(tmp_path / "img.png"))  # fmt: skip
+    assert _png_size(tmp_path / "img_0.png") == _png_size(tmp_path / "img_1.png") == (48, 48)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "either --model PATH or --demo"),
+        (["--demo", "--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--demo", "--dtype", "fp8"], "fp32"),
+    ],
+)
+def test_generate_rejects_bad_arguments(args, message):
+    result = runner.invoke(app, ["generate", *args])
+    assert result.exit_code != 0 and message in result.output
+
+
+def test_quick_e2e_bench_compares_with_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    _invoke("bench", "e2e", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    rows = [BenchResult(**row) for row in json.loads((tmp_path / "report.json").read_text())["results"]]
+    assert {row.op for row in rows} == {"time_to_first_token", "image_tokens"}
+    assert {row.provider for row in rows} == {"fastmm", "transformers"}
+    assert not [row.error for row in rows if row.error]
+    tokens = [row for row in rows if row.op == "image_tokens"]
+    assert all(row.ms_per_item is not None for row in tokens)
+    assert all(row.rel_err == 0 for row in tokens if row.provider == "transformers"), "greedy tokens must agree"

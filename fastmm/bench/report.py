@@ -45,7 +45,9 @@ def op_table(rows: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
     has_flops = any(row.flops for row in rows)
     has_graph = any(row.graph_ms is not None for row in rows)
     has_memory = any(row.peak_alloc_mib is not None for row in rows)
+    has_items = any(row.ms_per_item is not None for row in rows)
     headers = ["shape", "dtype", "provider", "ms (p20-p80)"]
+    headers += ["ms / item"] if has_items else []
     headers += ["graph ms"] if has_graph else []
     headers += ["GB/s"] + (["GFLOP/s"] if has_flops else []) + ["% of peak"]
     headers += ["peak alloc MiB"] if has_memory else []
@@ -54,6 +56,7 @@ def op_table(rows: list[BenchResult]) -> tuple[list[str], list[list[str]]]:
     for row in rows:
         provider = row.provider if row.backend is None else f"{row.provider} ({row.backend})"
         line = [shape_label(row.shape), row.dtype, provider, _ms(row)]
+        line += [_num(row.ms_per_item, 3)] if has_items else []
         line += [_num(row.graph_ms, 3)] if has_graph else []
         line += [_num(row.gb_per_s)] + ([_num(row.gflop_per_s, 0)] if has_flops else []) + [_num(row.pct_of_peak)]
         line += [_num(row.peak_alloc_mib, 2)] if has_memory else []

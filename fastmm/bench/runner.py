@@ -102,6 +102,7 @@ def _fill_timing(row: BenchResult, timing: timer.Timing, case: Case, peak_value:
         timing.median_ms, timing.p20_ms, timing.p80_ms, timing.reps, timing.threads
     )
     row.gb_per_s = case.bytes / seconds / 1e9
+    row.ms_per_item = timing.median_ms / case.items if case.items > 1 else None
     row.gflop_per_s = case.flops / seconds / 1e9 if case.flops else None
     achieved = row.gb_per_s if case.bound == "memory" else row.gflop_per_s
     row.pct_of_peak = 100 * achieved / peak_value if peak_value and achieved is not None else None

@@ -54,6 +54,7 @@ class BenchResult:
     rel_err: float | None = None  # baselines computing the same op: |out - fastmm out| / |fastmm out| (L2), or for
     # integer outputs (code indices) the fraction of entries that differ
     peak_alloc_mib: float | None = None  # cases that measure memory: torch allocations held at once by one call
+    ms_per_item: float | None = None  # cases whose call produces several items (image tokens): median / items
     note: str = ""
     error: str = ""  # why the provider could not run; the row then has no timing
 

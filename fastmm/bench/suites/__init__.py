@@ -38,6 +38,7 @@ class Case:
     setup: Callable[[], list[Provider]]  # builds inputs on the suite's device; "fastmm" first
     decode_size: bool = False  # small enough that CUDA-graph replay is the figure that matters
     measure_memory: bool = False  # also record each provider's peak allocation (fastmm.bench.memory)
+    items: int = 1  # what one call produces (e.g. 576 image tokens): rows also report ms per item
 
     @property
     def label(self) -> str:
