@@ -111,14 +111,25 @@ def default_backend(device: torch.device) -> str:
 def choose_backend(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device``: the requested one if it can run, else a fallback."""
     wanted = requested_backend() or default_backend(device)
+    chosen, reason = _resolve(wanted, device.type, triton_interpret())
+    if reason:
+        warn_fallback(op, wanted, chosen, reason)
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(wanted: str, device_type: str, interpret: bool) -> tuple[str, str]:
+    """(backend that runs, why it is not ``wanted`` or ""): what it depends on is the key, so the answer is
+    computed once; every op of a decode step asks, and the uncached status checks cost microseconds each.
+    ``interpret`` is part of the key because triton's availability on CPU tensors depends on it."""
+    device = torch.device(device_type)
     ok, reason = backend_status(wanted, device)
     if ok:
-        return wanted
+        return wanted, ""
     fallback = default_backend(device)
     if fallback == wanted or not backend_status(fallback, device)[0]:
         fallback = "reference"
-    warn_fallback(op, wanted, fallback, reason)
-    return fallback
+    return fallback, reason
 
 
 def warn_fallback(op: str, wanted: str, fallback: str, reason: str) -> None:

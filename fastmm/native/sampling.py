@@ -13,7 +13,7 @@ from typing import NoReturn
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE
+from fastmm.native._shared import DTYPE_CODE, threads_for
 
 
 def _fail(name: str, expected: str, t: torch.Tensor) -> NoReturn:
@@ -75,6 +75,6 @@ def cfg_sample(
     _C.cfg_sample(
         logits.data_ptr(), batch, groups, logits.shape[1], row_stride, scale0, scale1, temperature, top_k, top_p,
         lo, hi, log_softmax, seed, 0 if offset is None else offset.data_ptr(), out.data_ptr(), DTYPE_CODE[logits.dtype],
-        torch.get_num_threads(),
+        threads_for(logits.shape[0] * logits.shape[1]),
     )  # fmt: skip
     return out
