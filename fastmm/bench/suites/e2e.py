@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from typing import Callable
 
 import torch
 
@@ -83,12 +84,17 @@ def e2e_cases(preset: str, dtype: torch.dtype, device: torch.device, tokens: int
         prompt = torch.tensor([PROMPT], device=device)
         backend = choose_backend("modality_rms_norm", device)
 
-        def ours(use_graph: bool):
+        def ours(use_graph: bool) -> Callable[[], torch.Tensor]:
             if kind == "time_to_first_token":
                 return lambda: start_image_generation(model, PROMPT, CFG_SCALE, temperature=0.0, seed=0).tokens[:, :1]
             pixels = kind == "image_total"
-            return lambda: (lambda r: r.pixels if pixels else r.tokens)(generate_image(
-                model, PROMPT, CFG_SCALE, temperature=0.0, seed=0, use_cuda_graph=use_graph, decode_pixels=pixels))
+
+            def run() -> torch.Tensor:
+                result = generate_image(model, PROMPT, CFG_SCALE, temperature=0.0, seed=0, use_cuda_graph=use_graph,
+                                        decode_pixels=pixels)  # fmt: skip
+                return result.pixels if pixels else result.tokens
+
+            return run
 
         found = [Provider("fastmm", ours(True), graph_safe=False, backend=backend)]
         if device.type == "cuda" and kind != "time_to_first_token":
