@@ -56,6 +56,15 @@ def _write_json(path: Optional[pathlib.Path], payload: Any) -> None:
         err.print(f"wrote {path}", markup=False)
 
 
+def _target_device(device: str) -> torch.device:
+    """--device auto|cpu|cuda -> the device to run on (auto: CUDA when torch sees one)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"expected auto, cpu or cuda, got {device!r}", param_hint="--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("cuda asked for, but torch sees no CUDA device", param_hint="--device")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def _availability(available: bool, reason: str) -> dict[str, Any]:
     return {"available": available, "reason": reason}
 
@@ -139,11 +148,7 @@ def bench(
     registered = suites()
     if suite != "all" and suite not in registered:
         raise typer.BadParameter(f"expected 'all' or one of {sorted(registered)}, got {suite!r}", param_hint="SUITE")
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"expected auto, cpu or cuda, got {device!r}", param_hint="--device")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("cuda asked for, but torch sees no CUDA device", param_hint="--device")
-    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    target = _target_device(device)
     selected = list(registered.values()) if suite == "all" else [registered[suite]]
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -246,11 +251,7 @@ def generate(
 
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"expected auto, cpu or cuda, got {device!r}", param_hint="--device")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("cuda asked for, but torch sees no CUDA device", param_hint="--device")
-    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    target = _target_device(device)
     if demo == (model_path is not None):
         raise typer.BadParameter("give either --model PATH or --demo", param_hint="--model")
     if demo:

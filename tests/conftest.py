@@ -28,3 +28,28 @@ def backend_cases() -> list:
             marks = [] if ok else [pytest.mark.skip(reason=reason)]
             cases.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
     return cases
+
+
+@pytest.fixture(scope="session")
+def janus_dir(tmp_path_factory):
+    """A tiny random-weight transformers Janus checkpoint saved once per test session (needs transformers)."""
+    pytest.importorskip("transformers")
+    from fastmm.models import presets
+
+    return presets.save_random_janus(tmp_path_factory.mktemp("janus") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_model(janus_dir):
+    """transformers' JanusForConditionalGeneration on janus_dir."""
+    import transformers
+
+    return transformers.JanusForConditionalGeneration.from_pretrained(str(janus_dir)).eval()
+
+
+@pytest.fixture(scope="session")
+def model(janus_dir):
+    """fastmm's UnifiedModel on janus_dir (fp32, CPU)."""
+    from fastmm.models import UnifiedModel
+
+    return UnifiedModel.from_pretrained(janus_dir)

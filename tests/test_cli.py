@@ -137,13 +137,11 @@ def test_generate_demo_writes_a_png(tmp_path):
     assert summary["image_tokens"] == 576 and summary["ms_per_token"] > 0
 
 
-def test_generate_from_a_checkpoint(tmp_path):
-    pytest.importorskip("transformers")
+def test_generate_from_a_checkpoint(tmp_path, janus_dir):
     from fastmm.models import presets
 
-    path = presets.save_random_janus(tmp_path / "janus", "tiny")
     ids = ",".join(str(i) for i in (presets.BOS, 10, 11, presets.BOI))
-    _invoke("generate", "--model", str(path), "--prompt-ids", ids, "--num-images", "2", "--seed", "3",
+    _invoke("generate", "--model", str(janus_dir), "--prompt-ids", ids, "--num-images", "2", "--seed", "3",
             "--out", str(tmp_path / "img.png"))  # fmt: skip
     assert _png_size(tmp_path / "img_0.png") == _png_size(tmp_path / "img_1.png") == (48, 48)
 

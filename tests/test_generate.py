@@ -17,21 +17,6 @@ PROMPT = [presets.BOS, 10, 11, 12, 13, 14, presets.BOI]
 NEAR_TIE = 1e-5  # a differing greedy step is accepted only where the guided top-2 gap is below this
 
 
-@pytest.fixture(scope="module")
-def janus_dir(tmp_path_factory):
-    return presets.save_random_janus(tmp_path_factory.mktemp("janus") / "tiny", "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def hf_model(janus_dir):
-    return transformers.JanusForConditionalGeneration.from_pretrained(str(janus_dir)).eval()
-
-
-@pytest.fixture(scope="module")
-def model(janus_dir):
-    return UnifiedModel.from_pretrained(janus_dir)
-
-
 class GuidedGapRecorder(transformers.LogitsProcessor):
     """Sees transformers' raw [cond; uncond] scores at every image step and records the top-2 gap of the
     guided logits (the CFG processor itself runs after it)."""

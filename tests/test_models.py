@@ -14,21 +14,6 @@ from fastmm.models import UnifiedModel, convert, presets
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def janus_dir(tmp_path_factory):
-    return presets.save_random_janus(tmp_path_factory.mktemp("janus") / "tiny", "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def hf_model(janus_dir):
-    return transformers.JanusForConditionalGeneration.from_pretrained(str(janus_dir)).eval()
-
-
-@pytest.fixture(scope="module")
-def model(janus_dir):
-    return UnifiedModel.from_pretrained(janus_dir)
-
-
 PROMPT = torch.tensor([[presets.BOS, 10, 11, 12, 13, 14, presets.BOI]])
 
 

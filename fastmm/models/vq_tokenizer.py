@@ -84,6 +84,19 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module 
     return level
 
 
+def _run_level(level: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One resolution level: its resnet blocks (each followed by its attention block where the level has them),
+    then the level's 2x resampling if any."""
+    for j, block in enumerate(level.block):
+        x = block(x)
+        if len(level.attn):
+            x = level.attn[j](x)
+    for name in ("downsample", "upsample"):
+        if hasattr(level, name):
+            x = getattr(level, name)(x)
+    return x
+
+
 class VQEncoder(nn.Module):
     """pixels [B, 3, S, S] -> latents [B, latent_channels, S / 2^(levels-1), ...]; attention at the last level."""
 
@@ -104,12 +117,7 @@ class VQEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                x = block(x)
-                if len(level.attn):
-                    x = level.attn[j](x)
-            if hasattr(level, "downsample"):
-                x = level.downsample(x)
+            x = _run_level(level, x)
         return self.conv_out(F.silu(self.norm_out(self.mid(x))))
 
 
@@ -135,12 +143,7 @@ class VQDecoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mid(self.conv_in(x))
         for level in self.up:
-            for j, block in enumerate(level.block):
-                x = block(x)
-                if len(level.attn):
-                    x = level.attn[j](x)
-            if hasattr(level, "upsample"):
-                x = level.upsample(x)
+            x = _run_level(level, x)
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
