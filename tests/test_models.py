@@ -32,6 +32,19 @@ def test_prefill_logits_match_transformers(model, hf_model):
 
 
 @torch.no_grad()
+def test_bf16_prefill_is_as_accurate_as_transformers_bf16(janus_dir, hf_model):
+    """bf16 tolerance by error ratio: fastmm's bf16 logits may be at most twice as far from the fp32 logits as
+    transformers' own bf16 run, plus a small floor."""
+    expected = hf_model(input_ids=PROMPT).logits
+    theirs = transformers.JanusForConditionalGeneration.from_pretrained(str(janus_dir), dtype=torch.bfloat16).eval()
+    their_error = (theirs(input_ids=PROMPT).logits.float() - expected).abs().max()
+    ours = UnifiedModel.from_pretrained(janus_dir, dtype=torch.bfloat16)
+    hidden = ours.decoder(ours.embed_prompt(PROMPT), torch.zeros_like(PROMPT), ours.decoder.new_cache(1, 16), prefill=True)
+    our_error = (ours.text_logits(hidden).float() - expected).abs().max()
+    assert our_error <= 2 * their_error + 1e-2, f"fastmm bf16 error {our_error:.3g} vs transformers bf16 {their_error:.3g}"
+
+
+@torch.no_grad()
 def test_decode_steps_continue_the_prefill(model):
     """Prefill of L tokens == prefill of L - 2 tokens then two single-token decode steps (KV cache path)."""
     embeds = model.embed_prompt(PROMPT)
