@@ -232,6 +232,33 @@ inline float lane_sum(f32x16 v) {
   return s;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// e^x within about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2 (Cody and Waite), e^r by Cephes' expf polynomial,
+// times 2^n by vscalefps. Below -104 every result is 0 (which also turns -inf into 0); NaN stays NaN.
+inline f32x16 exp_lanes(f32x16 x) {
+  x = _mm512_max_ps(splat(-104.f), x);
+  const f32x16 n = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const f32x16 r = fma_lanes(n, splat(2.12194440e-4f), fma_lanes(n, splat(-0.693359375f), x));
+  f32x16 p = splat(1.9875691500e-4f);
+  p = fma_lanes(p, r, splat(1.3981999507e-3f));
+  p = fma_lanes(p, r, splat(8.3334519073e-3f));
+  p = fma_lanes(p, r, splat(4.1665795894e-2f));
+  p = fma_lanes(p, r, splat(1.6666665459e-1f));
+  p = fma_lanes(p, r, splat(5.0000001201e-1f));
+  p = fma_lanes(p, r * r, r) + 1.f;
+  return _mm512_scalef_ps(p, n);
+}
+#pragma GCC diagnostic pop
+#else
+inline f32x16 exp_lanes(f32x16 x) {
+  for (int l = 0; l < kBlock; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+#endif
+
 // Calls body(j, n) for the blocks of a row of dim values: n is FullBlock{} for whole blocks, then the length
 // of the last partial block, if any. body is taken by value: the intrinsic stores may alias anything
 // (__m256i_u is may_alias), so a body living in the caller's memory would be reloaded after every store.

@@ -4,6 +4,9 @@
 q, k, v come from one fused projection and gate / up from another: one GEMM where Llama runs three (two),
 which matters at decode batch sizes, where every GEMM streams its weights for a handful of rows. With
 ``modality_adaptive`` (mPLUG-Owl2) the norms hold one weight per modality and k / v are a routed projection.
+
+The layers below are the reference and what torch.compile and CUDA graphs capture. An eager fp32 decode step on
+the CPU runs each layer as one C++ call instead (fastmm.native.decode_layer), without the per-op overhead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmm import ops
+from fastmm.backend import choose_backend
 from fastmm.models.config import UnifiedConfig
 from fastmm.models.linear import Linear
 from fastmm.nn.attention import apply_rope
@@ -125,6 +129,7 @@ class Decoder(nn.Module):
         cos, sin = rope_table(config.max_position_embeddings, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._native_runners = None  # DecodeRunners of the native decode step, created on its first use
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """A static KV cache for ``batch`` rows of up to ``max_len`` tokens, in the weights' dtype and device."""
@@ -150,10 +155,35 @@ class Decoder(nn.Module):
             [B, L, hidden] final-normed hidden states.
         """
         L = embeds.shape[1]
-        positions = cache.lengths.long()[:, None] + torch.arange(L, device=embeds.device)  # (B, L)
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, L, d) fp32
-        x, residual = embeds, None
-        for index, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, modality, cos, sin, cache, index, prefill)
+        runner = self._native_decode_runner(embeds, cache, prefill)
+        if runner is not None:
+            x, residual = runner.run(embeds, modality)
+        else:
+            positions = cache.lengths.long()[:, None] + torch.arange(L, device=embeds.device)  # (B, L)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, L, d) fp32
+            x, residual = embeds, None
+            for index, layer in enumerate(self.layers):
+                x, residual = layer(x, residual, modality, cos, sin, cache, index, prefill)
         cache.advance(L)
         return self.norm(x, modality, residual)[0]
+
+    def _native_decode_runner(self, embeds: torch.Tensor, cache: KVCache, prefill: bool):
+        """The DecodeLayerRunner (fastmm.native.decode_layer: one C++ call per layer, built once per cache and
+        batch) for this step, or None where the layers run in Python: prefill, several tokens per row, autograd,
+        torch.compile (the Python path is what it traces), devices, dtypes or backends other than CPU fp32
+        native, and modality-adaptive models (routed k / v projections)."""
+        if torch.compiler.is_compiling():
+            return None
+        if prefill:
+            if self._native_runners is not None:  # a new sequence in this cache: its runner may predate new weights
+                self._native_runners.drop(cache)
+            return None
+        if (embeds.shape[1] != 1 or embeds.device.type != "cpu" or embeds.dtype != torch.float32
+                or self.config.modality_adaptive or torch.is_grad_enabled()
+                or choose_backend("modality_rms_norm", embeds.device) != "native"):  # fmt: skip
+            return None
+        if self._native_runners is None:  # imported here: it needs fastmm._C, which the native backend has
+            from fastmm.native.decode_layer import DecodeRunners
+
+            self._native_runners = DecodeRunners()
+        return self._native_runners.get(self, cache, embeds.shape[0])

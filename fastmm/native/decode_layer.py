@@ -1,0 +1,176 @@
+"""Native (C++ / CPU) decode step of the decoder: one fastmm._C.decode_layer call per layer (csrc/decode_layer.cpp).
+
+The Python path runs a decode step as about 18 ops per layer, each paying validation, launch and allocation:
+on CPU that costs about as much as the weight GEMMs themselves at the 8 x 512 benchmark model. A
+DecodeLayerRunner pays them once, for one (Decoder, KVCache, batch): its constructor checks every weight, the
+cache and the RoPE tables and allocates the scratch and output buffers; a step then checks in O(1) only what
+can change between steps (the input, the modality ids, the cache lengths) and makes one call per layer.
+
+A runner holds the tensors its pointers point into, so they stay valid as long as it lives; DecodeRunners keeps
+one per live KVCache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastmm import _C
+from fastmm.native._shared import threads_for
+from fastmm.runtime.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from fastmm.models.decoder import Decoder
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check(
+    name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, optional: bool = False
+) -> torch.Tensor | None:
+    """t, detached, if it is a contiguous CPU tensor of this shape and dtype (or None where optional)."""
+    if t is None and optional:
+        return None
+    if (not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.is_contiguous()
+            or tuple(t.shape) != shape or t.dtype != dtype):  # fmt: skip
+        got = "None" if t is None else f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()} on {t.device}"
+        raise ValueError(f"DecodeLayerRunner: {name} must be a contiguous CPU {dtype} tensor of shape {shape}, got {got}")
+    return t.detach()
+
+
+def _layer_weights(name: str, layer, config) -> tuple[list[torch.Tensor], tuple]:
+    """(the parameters of decoder layer ``name``, checked and detached; decode_layer's weight arguments: their
+    pointers, each norm's eps after its weight, 0 for an absent bias)."""
+    H, I, M = config.hidden_size, config.intermediate_size, config.num_modalities
+    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    qkv_width = q_width + 2 * kv_width
+    attn, mlp = layer.attn, layer.mlp
+    if not hasattr(attn, "qkv_proj"):
+        raise ValueError(f"DecodeLayerRunner: {name}.attn has a routed kv_proj (modality_adaptive), which it does not run")
+    input_norm = _check(f"{name}.input_norm.weight", layer.input_norm.weight, (M, H))
+    qkv = _check(f"{name}.attn.qkv_proj.weight", attn.qkv_proj.weight, (qkv_width, H))
+    qkv_bias = _check(f"{name}.attn.qkv_proj.bias", attn.qkv_proj.bias, (qkv_width,), optional=True)
+    o = _check(f"{name}.attn.o_proj.weight", attn.o_proj.weight, (H, q_width))
+    o_bias = _check(f"{name}.attn.o_proj.bias", attn.o_proj.bias, (H,), optional=True)
+    post_norm = _check(f"{name}.post_attention_norm.weight", layer.post_attention_norm.weight, (M, H))
+    gate_up = _check(f"{name}.mlp.gate_up_proj.weight", mlp.gate_up_proj.weight, (2 * I, H))
+    gate_up_bias = _check(f"{name}.mlp.gate_up_proj.bias", mlp.gate_up_proj.bias, (2 * I,), optional=True)
+    down = _check(f"{name}.mlp.down_proj.weight", mlp.down_proj.weight, (H, I))
+    down_bias = _check(f"{name}.mlp.down_proj.bias", mlp.down_proj.bias, (H,), optional=True)
+    tensors = [input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias]
+    args = (_ptr(input_norm), float(layer.input_norm.eps), _ptr(qkv), _ptr(qkv_bias), _ptr(o), _ptr(o_bias),
+            _ptr(post_norm), float(layer.post_attention_norm.eps), _ptr(gate_up), _ptr(gate_up_bias), _ptr(down),
+            _ptr(down_bias))  # fmt: skip
+    return [t for t in tensors if t is not None], args
+
+
+class DecodeLayerRunner:
+    """Runs every layer of ``decoder`` for a decode step of ``batch`` rows (one new token each) into ``cache``:
+    ``run(embeds, modality) -> (x, residual)``, what the layer loop of Decoder.forward returns."""
+
+    def __init__(self, decoder: Decoder, cache: KVCache, batch: int):
+        config = decoder.config
+        H, I, M = config.hidden_size, config.intermediate_size, config.num_modalities
+        Hq, Hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+        if cache.k.dim() != 5 or cache.k.shape[1] != batch:
+            raise ValueError(f"DecodeLayerRunner: batch must be the cache's batch, got {batch} for cache.k of shape "
+                             f"{tuple(cache.k.shape)}")  # fmt: skip
+        S = cache.k.shape[3]
+        cache_shape = (len(decoder.layers), batch, Hkv, S, d)
+        positions = decoder.rope_cos.shape[0]
+        if S > positions:  # every position written is below S, hence a row of the tables
+            raise ValueError(f"DecodeLayerRunner: cache.max_len {S} exceeds the RoPE tables' {positions} positions")
+        # Every tensor a pointer points into, kept so that the pointers stay valid while the runner lives.
+        self._k = _check("cache.k", cache.k, cache_shape)
+        self._v = _check("cache.v", cache.v, cache_shape)
+        self._lengths = _check("cache.lengths", cache.lengths, (batch,), torch.int32)
+        self._rope = (_check("decoder.rope_cos", decoder.rope_cos, (positions, d)),
+                      _check("decoder.rope_sin", decoder.rope_sin, (positions, d)))  # fmt: skip
+        self._weights, weight_args = [], []
+        for index, layer in enumerate(decoder.layers):
+            tensors, args = _layer_weights(f"layers[{index}]", layer, config)
+            self._weights.append(tensors)
+            weight_args.append(args)
+        sizes = (batch, H, Hq, Hkv, d, I, S)
+        self._scratch = torch.empty(_C.decode_layer_scratch_size(*sizes))
+        self._x = torch.empty(batch, 1, H)  # each layer's output in turn
+        self._residual = torch.empty(batch, 1, H)  # the residual stream, updated in place by each layer
+
+        self.batch, self.num_modalities, self.max_len = batch, M, S
+        self.embeds_shape = (batch, 1, H)
+        self._attention_work = batch * Hq * S * d  # what decode_attention's launcher picks its threads by
+        # decode_layer's arguments between (x, residual, modality) and the thread counts, one tuple per layer.
+        positions_and_outputs = (self._lengths.data_ptr(), self._x.data_ptr(), self._residual.data_ptr())
+        rope_and_scratch = (*(t.data_ptr() for t in self._rope), self._scratch.data_ptr(), self._scratch.numel())
+        self._layer_args = [
+            (*positions_and_outputs, self._k[i].data_ptr(), self._v[i].data_ptr(), *rope_and_scratch, *weights, *sizes)
+            for i, weights in enumerate(weight_args)
+        ]
+        self._out_ptrs = (self._x.data_ptr(), self._residual.data_ptr())
+
+    def run(self, embeds: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer for one new token per row, its k and v written into the cache at cache.lengths (which
+        the caller then advances).
+
+        Args:
+            embeds: [B, 1, H] float32 CPU input embeddings.
+            modality: [B, 1] int64 modality ids in [0, M).
+
+        Returns:
+            (x, residual), both [B, 1, H]: the last layer's output and the residual stream, to be added and
+            normed by the final norm. They are the runner's buffers, overwritten by the next run.
+        """
+        x, ids = self._checked_inputs(embeds, modality)
+        lo, hi = (int(bound) for bound in torch.aminmax(self._lengths))
+        if lo < 0 or hi >= self.max_len:
+            raise ValueError(f"DecodeLayerRunner.run: the cache is full or corrupt: lengths must be in "
+                             f"[0, max_len = {self.max_len}) before a decode step, got [{lo}, {hi}]")  # fmt: skip
+        threads, attention_threads = torch.get_num_threads(), threads_for(self._attention_work)
+        x_ptr, residual_ptr, ids_ptr = x.data_ptr(), 0, ids.data_ptr()  # layer 0: no residual yet
+        for args in self._layer_args:
+            _C.decode_layer(x_ptr, residual_ptr, ids_ptr, *args, threads, attention_threads)
+            x_ptr, residual_ptr = self._out_ptrs  # the next layer reads and overwrites them in place
+        return self._x, self._residual
+
+    def _checked_inputs(self, embeds: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds contiguous, modality as [B] contiguous ids), after checking their shapes, dtypes and ids."""
+        B = self.batch
+        x = embeds.contiguous()
+        if x.shape != self.embeds_shape or x.dtype != torch.float32 or not x.is_cpu:
+            raise ValueError(f"DecodeLayerRunner.run: embeds must be a CPU float32 tensor of shape {self.embeds_shape}, "
+                             f"got {x.dtype} shape {tuple(x.shape)} on {x.device}")  # fmt: skip
+        if modality.shape != (B, 1) or modality.dtype != torch.int64 or not modality.is_cpu:
+            raise ValueError(f"DecodeLayerRunner.run: modality must be a CPU int64 tensor of shape ({B}, 1), got "
+                             f"{modality.dtype} shape {tuple(modality.shape)} on {modality.device}")  # fmt: skip
+        ids = modality.reshape(B).contiguous()
+        lo, hi = (int(bound) for bound in torch.aminmax(ids))
+        if lo < 0 or hi >= self.num_modalities:
+            raise ValueError(f"DecodeLayerRunner.run: modality ids must be in [0, {self.num_modalities}), "
+                             f"got values in [{lo}, {hi}]")  # fmt: skip
+        return x, ids
+
+
+class DecodeRunners:
+    """A Decoder's runners by KVCache and batch: built on a cache's first native decode step, dropped with the
+    cache or on request (Decoder.forward drops a cache's runner when a prefill starts a new sequence in it, so
+    a runner never spans a change of weights between sequences). Copies and pickles of the model start empty:
+    a runner's pointers belong to the tensors of the model it was built for."""
+
+    def __init__(self):
+        self._by_cache: weakref.WeakKeyDictionary[KVCache, DecodeLayerRunner] = weakref.WeakKeyDictionary()
+
+    def __reduce__(self):
+        return DecodeRunners, ()
+
+    def get(self, decoder: Decoder, cache: KVCache, batch: int) -> DecodeLayerRunner:
+        runner = self._by_cache.get(cache)
+        if runner is None or runner.batch != batch:
+            runner = self._by_cache[cache] = DecodeLayerRunner(decoder, cache, batch)
+        return runner
+
+    def drop(self, cache: KVCache) -> None:
+        self._by_cache.pop(cache, None)

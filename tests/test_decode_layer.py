@@ -1,0 +1,192 @@
+"""The native decode step (fastmm.native.decode_layer: one C++ call per decoder layer) against the Python layer
+loop of Decoder.forward it replaces on CPU: hidden states, KV cache contents and lengths over several decode
+steps, greedy image tokens, the runners' lifetime, and clear errors for what it cannot run."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from fastmm import use_backend
+from fastmm.models import UnifiedModel, presets
+from fastmm.native.decode_layer import DecodeLayerRunner
+from fastmm.runtime import generate_image
+from fastmm.runtime.kv_cache import KVCache
+
+CONFIGS = {
+    "gqa": {},  # the tiny preset: 4 q heads over 2 kv heads, head_dim 16
+    "mha": dict(num_kv_heads=4),
+    "odd_sizes": dict(hidden_size=72, num_heads=3, num_kv_heads=1, head_dim=24, intermediate_size=100),
+    "biases": dict(attention_bias=True, mlp_bias=True),
+}
+
+
+def random_decoder(**overrides):
+    """The decoder of a random fp32 tiny-preset UnifiedModel with ``overrides``, norm weights drawn too."""
+    config = dataclasses.replace(presets.demo_config("tiny"), vision=None, image_gen=None, vq=None, **overrides)
+    torch.manual_seed(0)
+    decoder = UnifiedModel(config).eval().decoder
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return decoder
+
+
+def prefilled(decoder, batch: int = 2, max_len: int = 12) -> KVCache:
+    """A cache after a 5-token random prompt, row 1 then cut to 3 tokens (rows of different lengths, as a
+    conditional and an unconditional prompt)."""
+    cache = decoder.new_cache(batch, max_len)
+    prompt = torch.randn(batch, 5, decoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        decoder(prompt, torch.zeros(batch, 5, dtype=torch.int64), cache, prefill=True)
+    cache.lengths[1] = 3
+    return cache
+
+
+def uses_runner(decoder, cache: KVCache) -> bool:
+    token = torch.zeros(cache.k.shape[1], 1, decoder.config.hidden_size)
+    return isinstance(decoder._native_decode_runner(token, cache, False), DecodeLayerRunner)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", CONFIGS)
+def test_runner_matches_the_python_path(name, monkeypatch):
+    decoder = random_decoder(**CONFIGS[name])
+    native_cache, python_cache = prefilled(decoder), prefilled(decoder)
+    B, H = 2, decoder.config.hidden_size
+    modality = torch.zeros(B, 1, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(2)
+    native, python = [], []
+    for _ in range(6):
+        token = torch.randn(B, 1, H, generator=generator)
+        native.append(decoder(token, modality, native_cache, prefill=False))
+        with monkeypatch.context() as patch:
+            patch.setattr(decoder, "_native_decode_runner", lambda *args: None)
+            python.append(decoder(token, modality, python_cache, prefill=False))
+    assert uses_runner(decoder, native_cache)
+    torch.testing.assert_close(torch.cat(native, dim=1), torch.cat(python, dim=1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(native_cache.lengths, python_cache.lengths)
+    torch.testing.assert_close(native_cache.k, python_cache.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native_cache.v, python_cache.v, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_image_tokens_equal_the_python_path(monkeypatch):
+    torch.manual_seed(0)
+    model = UnifiedModel(presets.demo_config("tiny")).eval()
+    prompt = [presets.BOS, 10, 11, 12, 13, presets.BOI]
+    native = generate_image(model, prompt, temperature=0.0, decode_pixels=False).tokens
+    assert model.decoder._native_runners is not None  # the runner ran
+    monkeypatch.setattr(model.decoder, "_native_decode_runner", lambda *args: None)
+    python = generate_image(model, prompt, temperature=0.0, decode_pixels=False).tokens
+    assert torch.equal(native, python)
+
+
+@torch.no_grad()
+def test_python_path_where_the_runner_does_not_apply():
+    decoder = random_decoder()
+    cache = prefilled(decoder)
+    token = torch.zeros(2, 1, decoder.config.hidden_size)
+    assert decoder._native_decode_runner(token, cache, prefill=True) is None
+    assert decoder._native_decode_runner(torch.zeros(2, 2, decoder.config.hidden_size), cache, False) is None
+    assert decoder._native_decode_runner(token.double(), cache, False) is None
+    with torch.enable_grad():
+        assert decoder._native_decode_runner(token, cache, False) is None
+    with use_backend("reference"):
+        assert decoder._native_decode_runner(token, cache, False) is None
+    adaptive = random_decoder(modality_adaptive=True)
+    assert adaptive._native_decode_runner(token, prefilled(adaptive), False) is None
+
+
+@torch.no_grad()
+def test_runners_are_per_cache_and_never_copied():
+    decoder = random_decoder()
+    cache, other = prefilled(decoder), prefilled(decoder)
+    token = torch.zeros(2, 1, decoder.config.hidden_size)
+    runner = decoder._native_decode_runner(token, cache, False)
+    assert decoder._native_decode_runner(token, cache, False) is runner
+    assert decoder._native_decode_runner(token, other, False) is not runner
+    cache.reset()
+    decoder(torch.zeros(2, 5, decoder.config.hidden_size), torch.zeros(2, 5, dtype=torch.int64), cache, prefill=True)
+    assert decoder._native_decode_runner(token, cache, False) is not runner  # a new sequence, a new runner
+    for clone in (copy.deepcopy(decoder), pickle.loads(pickle.dumps(decoder))):
+        assert len(clone._native_runners._by_cache) == 0  # the pointers belong to the original's tensors
+    del cache, other
+    gc.collect()
+    assert len(decoder._native_runners._by_cache) == 0  # runners die with their caches
+
+
+def transposed_down_proj(decoder):
+    down = decoder.layers[1].mlp.down_proj
+    down.weight = nn.Parameter(down.weight.t().contiguous().t())  # same shape, column-major
+
+
+def double_norm(decoder):
+    norm = decoder.layers[0].input_norm
+    norm.weight = nn.Parameter(norm.weight.double())
+
+
+def narrow_o_proj(decoder):
+    decoder.layers[0].attn.o_proj = nn.Linear(decoder.config.num_heads * decoder.config.head_dim, 8)
+
+
+def half_rope_table(decoder):
+    decoder.rope_cos = decoder.rope_cos[:, :8]
+
+
+@pytest.mark.parametrize(
+    "spoil, error",
+    [
+        (transposed_down_proj, r"layers\[1\]\.mlp\.down_proj\.weight must be a contiguous CPU torch.float32 tensor"),
+        (double_norm, r"layers\[0\]\.input_norm\.weight must be a contiguous CPU torch.float32 tensor"),
+        (narrow_o_proj, r"layers\[0\]\.attn\.o_proj\.weight must be .* of shape \(64, 64\)"),
+        (half_rope_table, r"decoder\.rope_cos must be .* of shape \(2048, 16\)"),
+    ],
+)
+def test_bad_decoders_are_refused(spoil, error):
+    decoder = random_decoder()
+    cache = decoder.new_cache(2, 8)
+    spoil(decoder)
+    with pytest.raises(ValueError, match=error):
+        DecodeLayerRunner(decoder, cache, 2)
+
+
+def test_bad_caches_are_refused():
+    decoder = random_decoder()
+    config = decoder.config
+    with pytest.raises(ValueError, match="batch must be the cache's batch, got 3"):
+        DecodeLayerRunner(decoder, decoder.new_cache(2, 8), 3)
+    with pytest.raises(ValueError, match="cache.k must be a contiguous CPU torch.float32 tensor"):
+        DecodeLayerRunner(decoder, decoder.new_cache(2, 8, dtype=torch.bfloat16), 2)
+    with pytest.raises(ValueError, match=r"cache.k must be .* of shape \(2, 2, 2, 8, 16\)"):
+        DecodeLayerRunner(decoder, KVCache(3, 2, config.num_kv_heads, 8, config.head_dim), 2)
+    too_long = KVCache(config.num_layers, 2, config.num_kv_heads, config.max_position_embeddings + 1, config.head_dim)
+    with pytest.raises(ValueError, match="exceeds the RoPE tables' 2048 positions"):
+        DecodeLayerRunner(decoder, too_long, 2)
+    with pytest.raises(ValueError, match="routed kv_proj"):
+        adaptive = random_decoder(modality_adaptive=True)
+        DecodeLayerRunner(adaptive, adaptive.new_cache(2, 8), 2)
+
+
+@torch.no_grad()
+def test_bad_steps_are_refused():
+    decoder = random_decoder()
+    cache = prefilled(decoder, max_len=6)
+    runner = DecodeLayerRunner(decoder, cache, 2)
+    token, modality = torch.zeros(2, 1, decoder.config.hidden_size), torch.zeros(2, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"embeds must be a CPU float32 tensor of shape \(2, 1, 64\)"):
+        runner.run(token[:1], modality)
+    with pytest.raises(ValueError, match=r"modality must be a CPU int64 tensor of shape \(2, 1\)"):
+        runner.run(token, modality.int())
+    with pytest.raises(ValueError, match=r"modality ids must be in \[0, 1\), got values in \[0, 1\]"):
+        runner.run(token, torch.tensor([[0], [1]]))
+    runner.run(token, modality)
+    cache.advance(1)  # row 0 now holds 6 of 6 positions
+    with pytest.raises(ValueError, match=r"the cache is full or corrupt: lengths must be in \[0, max_len = 6\)"):
+        runner.run(token, modality)
