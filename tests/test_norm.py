@@ -183,3 +183,17 @@ def test_routed_linear(backend, device, rows, in_features, out_features, layout,
     for name, g, b, t in zip(["y", "dx", "dweight", "dbias"], got, baseline, truth):
         assert g.dtype == dtype
         assert_error_ratio(f"routed_linear {name}", g, b, t)
+
+
+@pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_triton_kernels_clamp_modality_ids_they_cannot_check(device):
+    """Inside a CUDA-graph capture fastmm.ops cannot read ids: the triton kernels clamp an out-of-range id to
+    [0, M) (it reads the nearest modality's weights) instead of reading out of bounds."""
+    from fastmm.triton import norm as triton_norm
+
+    if device == "cpu" and not fastmm.backend.triton_interpret():
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+    x, weight = torch.randn(3, 40, device=device), torch.randn(2, 40, device=device)
+    y = triton_norm.rms_norm_fwd(x, torch.tensor([-4, 0, 9], device=device), weight, None, 1e-6)[0]
+    expected = ref.rms_norm_fwd(x, torch.tensor([0, 0, 1], device=device), weight, None, 1e-6)[0]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

@@ -106,6 +106,13 @@ def _aligned_ints(signature: dict) -> tuple[str, ...]:
 
 
 @triton.jit
+def _modality_of(ptr, num_modalities):
+    """The modality id at ptr, clamped to [0, num_modalities): an id out of range (never valid input, but
+    unchecked while a CUDA graph is captured) reads some modality's weights instead of memory out of bounds."""
+    return tl.minimum(tl.maximum(tl.load(ptr), 0), num_modalities - 1)
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X,  # [T, D] input rows
     RESIDUAL,  # [T, D] added to X first when HAS_RESIDUAL (else X again, never read)
@@ -124,6 +131,7 @@ def _norm_fwd_kernel(
     stride_b_m,
     stride_y_t,
     D,  # row length (the last dimension of every [.., D] tensor has unit stride)
+    num_modalities,  # M: ids are clamped to [0, M) (fastmm.ops cannot check them inside a CUDA-graph capture)
     eps,
     IS_RMS: tl.constexpr,  # which norm the caller asked for: RMSNorm (True) or LayerNorm (False)
     HAS_RESIDUAL: tl.constexpr,  # the caller passed a residual
@@ -151,7 +159,7 @@ def _norm_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / D + eps)
     tl.store(RSTD + row, rstd)
 
-    m = tl.load(MODALITY + row * stride_mod_t)
+    m = _modality_of(MODALITY + row * stride_mod_t, num_modalities)
     w = tl.load(W + m * stride_w_m + cols, mask=mask, other=0.0).to(tl.float32)
     y = centered * rstd * w
     if HAS_BIAS:
@@ -174,7 +182,7 @@ def _norm_fwd(x, modality, weight, bias, residual, eps, is_rms):
     _norm_fwd_kernel[(T,)](
         x, res, res_out, modality, weight, b, y, mean if mean is not None else rstd, rstd,
         x.stride(0), res.stride(0), res_out.stride(0), modality.stride(0), weight.stride(0), b.stride(0),
-        y.stride(0), D, eps,
+        y.stride(0), D, weight.shape[0], eps,
         IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         BLOCK_D=block_d, num_warps=num_warps, num_stages=_NORM_STAGES,
     )  # fmt: skip
@@ -245,6 +253,7 @@ def _norm_bwd_kernel(
     stride_part_m,
     T,
     D,
+    num_modalities,  # M: ids are clamped to [0, M), as in the forward
     rows_per_program,  # program pid owns rows [pid * rows_per_program, (pid + 1) * rows_per_program) within T
     IS_RMS: tl.constexpr,  # RMSNorm (True) or LayerNorm (False), as in the forward
     HAS_DRESIDUAL: tl.constexpr,  # the forward had a residual and its output received a gradient
@@ -260,11 +269,11 @@ def _norm_bwd_kernel(
     # dweight / dbias of the current run of same-modality rows stay in registers and are flushed into
     # this program's slot of the partial buffers when the modality changes (images are contiguous spans,
     # so that is rare) and at the end.
-    current = tl.load(MODALITY + row_start * stride_mod_t)
+    current = _modality_of(MODALITY + row_start * stride_mod_t, num_modalities)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     db = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for row in range(row_start, row_end):
-        m = tl.load(MODALITY + row * stride_mod_t)
+        m = _modality_of(MODALITY + row * stride_mod_t, num_modalities)
         if m != current:
             dw_ptr = DW_PARTIAL + pid * stride_part_p + current * stride_part_m + cols
             tl.store(dw_ptr, tl.load(dw_ptr, mask=mask) + dw, mask=mask)
@@ -318,7 +327,7 @@ def _norm_bwd(dy, dresidual_out, x_in, modality, weight, mean, rstd, has_bias, i
         dy, dres, x_in, modality, weight, mean if mean is not None else rstd, rstd, dx,
         dw_partial, db_partial,
         dy.stride(0), dres.stride(0), x_in.stride(0), modality.stride(0), weight.stride(0), dx.stride(0),
-        dw_partial.stride(0), dw_partial.stride(1), T, D, rows_per_program,
+        dw_partial.stride(0), dw_partial.stride(1), T, D, M, rows_per_program,
         IS_RMS=is_rms, HAS_DRESIDUAL=dresidual_out is not None, HAS_BIAS=has_bias,
         BLOCK_D=block_d, num_warps=num_warps, num_stages=_NORM_STAGES,
     )  # fmt: skip
