@@ -104,7 +104,9 @@ class ImageDecodeStep:
         """Sample the next token of every image from the head's logits [R, V] into the buffers."""
         ops.cfg_sample(logits, offset=self.step, out=self.ids, **self.sampling)
         self.tokens.index_copy_(1, self.step, self.ids[:, None])
-        self.embeds.copy_(self.model.image_embeds(self.ids.repeat(self.groups))[:, None])
+        # Every group's row of an image takes the same token: gather each row once, broadcast over the groups.
+        rows = self.model.image_embeds(self.ids)  # (N, hidden)
+        self.embeds.view(self.groups, *rows.shape).copy_(rows.expand(self.groups, *rows.shape))
         self.step.add_(1)
 
     def __call__(self) -> None:
@@ -224,7 +226,9 @@ def generate_text(
     placeholders filled by ``images`` [N, 3, S, S] -> new tokens [B, n], n <= max_new_tokens.
 
     temperature 0 = greedy. Generation stops once every row has produced config.eos_token_id; a row that
-    finished earlier is filled with the pad token (or EOS when the model has none) after its EOS.
+    finished earlier is filled with the pad token (or EOS when the model has none) after its EOS. That stop
+    test reads one bool per token on the host (a sync on CUDA): text answers are short and eager here; the
+    graph-captured, sync-free loop is generate_image's.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
