@@ -169,3 +169,10 @@ def test_quick_e2e_bench_compares_with_transformers(tmp_path):
     tokens = [row for row in rows if row.op == "image_tokens"]
     assert all(row.ms_per_item is not None for row in tokens)
     assert all(row.rel_err == 0 for row in tokens if row.provider == "transformers"), "greedy tokens must agree"
+
+
+def test_quick_linear_bench_checks_fastmm_against_torch(tmp_path):
+    _invoke("bench", "linear", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    rows = [BenchResult(**row) for row in json.loads((tmp_path / "report.json").read_text())["results"]]
+    assert {row.provider for row in rows} == {"fastmm", "torch"} and not [row for row in rows if row.error]
+    assert all(row.rel_err is not None and row.rel_err < 1e-2 for row in rows if row.provider == "torch")
