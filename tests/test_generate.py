@@ -122,6 +122,7 @@ def test_cuda_graph_matches_eager(janus_dir):
         (dict(top_k=0), "top_k must be None or an int >= 1"),
         (dict(top_p=1.5), r"top_p must be None or in \(0, 1\]"),
         (dict(num_images=0), "num_images must be an int >= 1"),
+        (dict(seed=-1), r"seed must be None or an int in \[0, 2\^32\)"),
     ],
 )
 def test_bad_sampling_arguments(model, kwargs, error):

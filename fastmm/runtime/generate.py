@@ -70,7 +70,8 @@ def _unconditional(model, cond: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, cond, torch.full_like(cond, config.pad_token_id))
 
 
-def _check_sampling(cfg_scale: float, temperature: float, top_k: int | None, top_p: float | None, num_images: int) -> None:
+def _check_sampling(cfg_scale: float, temperature: float, top_k: int | None, top_p: float | None, num_images: int,
+                    seed: int | None) -> None:  # fmt: skip
     if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ValueError(f"generate_image: cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -81,6 +82,8 @@ def _check_sampling(cfg_scale: float, temperature: float, top_k: int | None, top
         raise ValueError(f"generate_image: top_p must be None or in (0, 1], got {top_p!r}")
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"generate_image: num_images must be an int >= 1, got {num_images!r}")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise ValueError(f"generate_image: seed must be None or an int in [0, 2^32), got {seed!r}")
 
 
 class ImageDecodeStep:
@@ -131,7 +134,7 @@ def start_image_generation(
     generate_image). Each call of the returned step adds one token to its ``tokens`` buffer."""
     if getattr(model, "gen_head", None) is None:
         raise ValueError("generate_image: the model has no image-generation path (config.image_gen is None)")
-    _check_sampling(cfg_scale, temperature, top_k, top_p, num_images)
+    _check_sampling(cfg_scale, temperature, top_k, top_p, num_images, seed)
     cond = _prompt_rows(model, prompt_ids, num_images)
     guided = cfg_scale != 1
     rows = torch.cat([cond, _unconditional(model, cond)]) if guided else cond
@@ -232,7 +235,7 @@ def generate_text(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    _check_sampling(1.0, temperature, top_k, top_p, 1)
+    _check_sampling(1.0, temperature, top_k, top_p, 1, seed)
     config = model.config
     embeds = model.embed_prompt(input_ids, images)
     B, L = input_ids.shape
