@@ -73,6 +73,17 @@ def test_seeded_sampling_is_reproducible(model):
     assert not torch.equal(first[0], first[1]), "two images of one call must draw independently"
 
 
+def test_decode_step_runs_without_autograd(model, monkeypatch):
+    """A step called with autograd on must not record a graph (on CPU it would also leave the native layer)."""
+    step = start_image_generation(model, PROMPT, temperature=0.0, seed=0)
+    seen = []
+    forward = model.decoder.forward
+    monkeypatch.setattr(model.decoder, "forward", lambda *a, **k: seen.append(torch.is_grad_enabled()) or forward(*a, **k))
+    with torch.enable_grad():
+        step()
+    assert seen == [False]
+
+
 def test_pixels_are_decoded(model):
     result = generate_image(model, PROMPT, temperature=0.0)
     assert result.pixels.shape == (1, 3, 48, 48) and torch.isfinite(result.pixels).all()
