@@ -150,12 +150,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "decode_layer_scratch_size",
       [](int64_t batch, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
-         int64_t cache_size) {
+         int64_t cache_size, int dtype) {
         const fastmm::DecodeLayerShape shape{batch, hidden, q_heads, kv_heads, head_dim, intermediate, cache_size};
-        return fastmm::decode_layer_scratch_size(shape);
+        return fastmm::decode_layer_scratch_size(shape, dtype);
       },
       py::arg("batch"), py::arg("hidden"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"),
-      py::arg("intermediate"), py::arg("cache_size"));
+      py::arg("intermediate"), py::arg("cache_size"), py::arg("dtype"));
 
   // Per-call buffers first, then the layer's constants, so that a caller can keep the latter in one tuple.
   m.def(
@@ -166,33 +166,33 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t qkv_bias, uintptr_t o, uintptr_t o_bias, uintptr_t post_attention_norm,
          double post_attention_norm_eps, uintptr_t gate_up, uintptr_t gate_up_bias, uintptr_t down,
          uintptr_t down_bias, int64_t batch, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
-         int64_t intermediate, int64_t cache_size, int num_threads, int attention_threads) {
+         int64_t intermediate, int64_t cache_size, int dtype, int num_threads, int attention_threads) {
         const fastmm::DecodeLayerShape shape{batch, hidden, q_heads, kv_heads, head_dim, intermediate, cache_size};
-        const fastmm::DecodeLayerWeights weights{ptr<const float>(input_norm),
+        const fastmm::DecodeLayerWeights weights{ptr<const void>(input_norm),
                                                  input_norm_eps,
-                                                 ptr<const float>(qkv),
-                                                 ptr<const float>(qkv_bias),
-                                                 ptr<const float>(o),
-                                                 ptr<const float>(o_bias),
-                                                 ptr<const float>(post_attention_norm),
+                                                 ptr<const void>(qkv),
+                                                 ptr<const void>(qkv_bias),
+                                                 ptr<const void>(o),
+                                                 ptr<const void>(o_bias),
+                                                 ptr<const void>(post_attention_norm),
                                                  post_attention_norm_eps,
-                                                 ptr<const float>(gate_up),
-                                                 ptr<const float>(gate_up_bias),
-                                                 ptr<const float>(down),
-                                                 ptr<const float>(down_bias)};
-        const fastmm::DecodeLayerIO io{ptr<const float>(x),
-                                       ptr<const float>(residual),
+                                                 ptr<const void>(gate_up),
+                                                 ptr<const void>(gate_up_bias),
+                                                 ptr<const void>(down),
+                                                 ptr<const void>(down_bias)};
+        const fastmm::DecodeLayerIO io{ptr<const void>(x),
+                                       ptr<const void>(residual),
                                        ptr<const int64_t>(modality),
                                        ptr<const int32_t>(positions),
                                        ptr<const float>(rope_cos),
                                        ptr<const float>(rope_sin),
-                                       ptr<float>(k_cache),
-                                       ptr<float>(v_cache),
-                                       ptr<float>(x_out),
-                                       ptr<float>(residual_out),
-                                       ptr<float>(scratch),
+                                       ptr<void>(k_cache),
+                                       ptr<void>(v_cache),
+                                       ptr<void>(x_out),
+                                       ptr<void>(residual_out),
+                                       ptr<void>(scratch),
                                        scratch_size};
-        fastmm::decode_layer(shape, weights, io, num_threads, attention_threads);
+        fastmm::decode_layer(shape, weights, io, dtype, num_threads, attention_threads);
       },
       py::arg("x"), py::arg("residual"), py::arg("modality"), py::arg("positions"), py::arg("x_out"),
       py::arg("residual_out"), py::arg("k_cache"), py::arg("v_cache"), py::arg("rope_cos"), py::arg("rope_sin"),
@@ -200,6 +200,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("qkv_bias"), py::arg("o"), py::arg("o_bias"), py::arg("post_attention_norm"),
       py::arg("post_attention_norm_eps"), py::arg("gate_up"), py::arg("gate_up_bias"), py::arg("down"),
       py::arg("down_bias"), py::arg("batch"), py::arg("hidden"), py::arg("q_heads"), py::arg("kv_heads"),
-      py::arg("head_dim"), py::arg("intermediate"), py::arg("cache_size"), py::arg("num_threads"),
+      py::arg("head_dim"), py::arg("intermediate"), py::arg("cache_size"), py::arg("dtype"), py::arg("num_threads"),
       py::arg("attention_threads"), Release());
 }

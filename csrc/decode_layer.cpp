@@ -11,13 +11,16 @@
 //   a = o Wo^T (+ b);  s2 = a + s;  h2 = rms_norm(s2) * post_norm[m]     skinny_linear, rms_norm_fwd
 //   gate, up = h2 Wgu^T (+ b);  x_out = (silu(gate) * up) Wdown^T (+ b)  skinny_linear, swiglu (here)
 //
-// RoPE repeats fastmm.nn.attention.apply_rope's fp32 operations one for one, so q, k and the cache match the
+// Every element type takes the Python path's rounding points: each kernel's output is stored in the model's
+// dtype, RoPE works in fp32 and rounds once (apply_rope), and SwiGLU rounds silu(gate) before multiplying by up
+// (F.silu, then *). In fp32 RoPE repeats apply_rope's operations one for one, so q, k and the cache match the
 // Python path bit for bit; SiLU takes exp_lanes (about 2 ulp), which differs from torch's vectorized exp in
 // the last bit now and then.
 #include "decode_layer.h"
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -32,10 +35,10 @@
 namespace fastmm {
 namespace {
 
-constexpr int kFloat32 = static_cast<int>(DType::kFloat32);
-
-// Where each intermediate starts in the scratch buffer, in floats.
+// Where each intermediate starts in the scratch buffer, in bytes: the norms' fp32 statistics, then the
+// activations in the model's element type, each region starting on a 64-byte line.
 struct ScratchLayout {
+  int64_t rstd;       // [B] fp32: the norms' statistics, unused here
   int64_t stream;     // [B, H]: s = x + residual, the residual stream into attention
   int64_t normed;     // [B, H]: h, then h2
   int64_t qkv;        // [B, (Hq + 2 Hkv) d]
@@ -44,70 +47,133 @@ struct ScratchLayout {
   int64_t projected;  // [B, H]: a
   int64_t gate_up;    // [B, 2 I]
   int64_t swiglu;     // [B, I]
-  int64_t rstd;       // [B]: the norms' statistics, unused here
   int64_t size;
 
-  explicit ScratchLayout(const DecodeLayerShape& sh) {
+  ScratchLayout(const DecodeLayerShape& sh, int64_t element_size) {
     const int64_t B = sh.batch;
     int64_t end = 0;
-    const auto take = [&](int64_t floats) {
+    const auto take = [&](int64_t elements, int64_t size_of) {
       const int64_t start = end;
-      end += floats;
+      end += (elements * size_of + 63) / 64 * 64;
       return start;
     };
-    stream = take(B * sh.hidden);
-    normed = take(B * sh.hidden);
-    qkv = take(B * (sh.q_heads + 2 * sh.kv_heads) * sh.head_dim);
-    q = take(B * sh.q_heads * sh.head_dim);
-    attended = take(B * sh.q_heads * sh.head_dim);
-    projected = take(B * sh.hidden);
-    gate_up = take(B * 2 * sh.intermediate);
-    swiglu = take(B * sh.intermediate);
-    rstd = take(B);
+    rstd = take(B, sizeof(float));
+    stream = take(B * sh.hidden, element_size);
+    normed = take(B * sh.hidden, element_size);
+    qkv = take(B * (sh.q_heads + 2 * sh.kv_heads) * sh.head_dim, element_size);
+    q = take(B * sh.q_heads * sh.head_dim, element_size);
+    attended = take(B * sh.q_heads * sh.head_dim, element_size);
+    projected = take(B * sh.hidden, element_size);
+    gate_up = take(B * 2 * sh.intermediate, element_size);
+    swiglu = take(B * sh.intermediate, element_size);
     size = end;
   }
 };
 
+int64_t element_size(int dtype) {
+  int64_t size = 0;
+  dispatch_dtype(dtype, [&](auto zero) { size = sizeof(zero); });
+  return size;
+}
+
 // out = x * cos + rotate_half(x) * sin for one head of d values, rotate_half(x) = (-x[d/2:], x[:d/2]) as in
-// apply_rope. (-a) * b + c rounds exactly like c - a * b, so the first half needs no negation.
-void rotate_head(const float* x, const float* cos, const float* sin, float* out, int64_t head_dim) {
+// apply_rope: fp32 math, one rounding to T at the end. (-a) * b + c rounds exactly like c - a * b, so the first
+// half needs no negation.
+template <typename T>
+void rotate_head(const T* x, const float* cos, const float* sin, T* out, int64_t head_dim) {
   const int64_t half = head_dim / 2;
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
-#pragma omp simd
-  for (int64_t i = half; i < head_dim; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = from_float<T>(to_float(x[i]) * cos[i] - to_float(x[i + half]) * sin[i]);
+  }
+  for (int64_t i = half; i < head_dim; ++i) {
+    out[i] = from_float<T>(to_float(x[i]) * cos[i] + to_float(x[i - half]) * sin[i]);
+  }
 }
 
 // The rotated q heads of every row into q [B, Hq, d]; the rotated k heads and the v heads into the cache at
 // the row's position.
-void rotate_and_cache(const DecodeLayerShape& sh, const DecodeLayerIO& io, const float* qkv, float* q) {
+template <typename T>
+void rotate_and_cache(const DecodeLayerShape& sh, const DecodeLayerIO& io, const T* qkv, T* q) {
   const int64_t d = sh.head_dim, Hq = sh.q_heads, Hkv = sh.kv_heads;
+  T* k_cache = static_cast<T*>(io.k_cache);
+  T* v_cache = static_cast<T*>(io.v_cache);
   for (int64_t b = 0; b < sh.batch; ++b) {
     const int64_t position = io.positions[b];
     const float* cos = io.rope_cos + position * d;
     const float* sin = io.rope_sin + position * d;
-    const float* heads = qkv + b * (Hq + 2 * Hkv) * d;  // q heads, k heads, v heads
+    const T* heads = qkv + b * (Hq + 2 * Hkv) * d;  // q heads, k heads, v heads
     for (int64_t h = 0; h < Hq; ++h) rotate_head(heads + h * d, cos, sin, q + (b * Hq + h) * d, d);
     for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t slot = ((b * Hkv + h) * sh.cache_size + position) * d;
-      rotate_head(heads + (Hq + h) * d, cos, sin, io.k_cache + slot, d);
-      std::memcpy(io.v_cache + slot, heads + (Hq + Hkv + h) * d, d * sizeof(float));
+      rotate_head(heads + (Hq + h) * d, cos, sin, k_cache + slot, d);
+      std::memcpy(v_cache + slot, heads + (Hq + Hkv + h) * d, d * sizeof(T));
     }
   }
 }
 
-// out [B, I] = silu(gate) * up for gate_up [B, 2 I], silu(g) = g / (1 + e^-g) as F.silu computes it; each
-// product rounded on its own, as two torch ops would.
-void swiglu(const float* gate_up, float* out, int64_t batch, int64_t width) {
+// v rounded to T and widened back: the value a T tensor would hold between two torch ops.
+template <typename T>
+f32x16 round_lanes(f32x16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T rounded[kBlock];
+    store_block(rounded, v, FullBlock{});
+    return load_block(rounded, FullBlock{});
+  }
+}
+
+// out [B, I] = silu(gate) * up for gate_up [B, 2 I], silu(g) = g / (1 + e^-g) as F.silu computes it; silu and
+// the product each rounded to T on their own, as two torch ops would.
+template <typename T>
+void swiglu(const T* gate_up, T* out, int64_t batch, int64_t width) {
   for (int64_t b = 0; b < batch; ++b) {
-    const float* gate = gate_up + b * 2 * width;
-    const float* up = gate + width;
-    float* dst = out + b * width;
+    const T* gate = gate_up + b * 2 * width;
+    const T* up = gate + width;
+    T* dst = out + b * width;
     for_each_block(width, [=](int64_t j, auto n) {
       const f32x16 g = load_block(gate + j, n);  // lanes past a partial block are 0: e^0, no NaN
-      store_block(dst + j, g / (1.f + exp_lanes(-g)) * load_block(up + j, n), n);
+      store_block(dst + j, round_lanes<T>(g / (1.f + exp_lanes(-g))) * load_block(up + j, n), n);
     });
   }
+}
+
+template <typename T>
+void run_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const DecodeLayerIO& io, int dtype,
+               int num_threads, int attention_threads) {
+  const ScratchLayout at(sh, sizeof(T));
+  const int64_t B = sh.batch, H = sh.hidden, I = sh.intermediate, d = sh.head_dim;
+  const int64_t q_width = sh.q_heads * d, qkv_width = (sh.q_heads + 2 * sh.kv_heads) * d;
+  char* scratch = static_cast<char*>(io.scratch);
+  const auto region = [&](int64_t offset) { return reinterpret_cast<T*>(scratch + offset); };
+  float* rstd = reinterpret_cast<float*>(scratch + at.rstd);
+  T* normed = region(at.normed);
+  T* qkv = region(at.qkv);
+  T* q = region(at.q);
+  T* attended = region(at.attended);
+  T* projected = region(at.projected);
+  T* gate_up = region(at.gate_up);
+  T* activated = region(at.swiglu);
+
+  // Attention block. The residual stream into it is s = x + residual, or x itself at layer 0 (no residual).
+  T* sum = io.residual ? region(at.stream) : nullptr;
+  const void* stream = sum ? static_cast<const void*>(sum) : io.x;
+  rms_norm_fwd(io.x, io.modality, w.input_norm, io.residual, normed, sum, rstd, B, H, w.input_norm_eps, dtype, 1);
+  skinny_linear(normed, H, w.qkv, H, w.qkv_bias, qkv, B, H, qkv_width, dtype, num_threads);
+  rotate_and_cache<T>(sh, io, qkv, q);
+  std::vector<int32_t> cache_len(io.positions, io.positions + B);  // B ints; the kernels allocate more
+  for (int32_t& length : cache_len) length += 1;                    // the new token is the last one attended
+  decode_attention_fwd(q, io.k_cache, io.v_cache, cache_len.data(), attended, B, sh.q_heads, sh.kv_heads, 1,
+                       sh.cache_size, d, std::pow(static_cast<double>(d), -0.5), dtype,
+                       attention_threads);  // the scale as Python's d ** -0.5
+  skinny_linear(attended, q_width, w.o, q_width, w.o_bias, projected, B, q_width, H, dtype, num_threads);
+
+  // MLP block.
+  rms_norm_fwd(projected, io.modality, w.post_attention_norm, stream, normed, io.residual_out, rstd, B, H,
+               w.post_attention_norm_eps, dtype, 1);
+  skinny_linear(normed, H, w.gate_up, H, w.gate_up_bias, gate_up, B, H, 2 * I, dtype, num_threads);
+  swiglu(gate_up, activated, B, I);
+  skinny_linear(activated, I, w.down, I, w.down_bias, io.x_out, B, I, H, dtype, num_threads);
 }
 
 void check_shape(const DecodeLayerShape& sh, int num_threads, int attention_threads) {
@@ -126,40 +192,20 @@ void check_shape(const DecodeLayerShape& sh, int num_threads, int attention_thre
 
 // ---- entry points (bound in bindings.cpp) ---------------------------------------------------------------
 
-int64_t decode_layer_scratch_size(const DecodeLayerShape& shape) { return ScratchLayout(shape).size; }
+int64_t decode_layer_scratch_size(const DecodeLayerShape& shape, int dtype) {
+  return ScratchLayout(shape, element_size(dtype)).size;
+}
 
-void decode_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const DecodeLayerIO& io,
+void decode_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const DecodeLayerIO& io, int dtype,
                   int num_threads, int attention_threads) {
   check_shape(sh, num_threads, attention_threads);
-  const ScratchLayout at(sh);
-  FASTMM_CHECK(io.scratch_size >= at.size, "decode_layer",
-               "scratch holds " + std::to_string(io.scratch_size) + " floats, needs " + std::to_string(at.size));
-  const int64_t B = sh.batch, H = sh.hidden, I = sh.intermediate, d = sh.head_dim;
-  const int64_t q_width = sh.q_heads * d, qkv_width = (sh.q_heads + 2 * sh.kv_heads) * d;
-  float* scratch = io.scratch;
-  float* normed = scratch + at.normed;
-  float* rstd = scratch + at.rstd;
-
-  // Attention block. The residual stream into it is s = x + residual, or x itself at layer 0 (no residual).
-  float* sum = io.residual ? scratch + at.stream : nullptr;
-  const float* stream = sum ? sum : io.x;
-  rms_norm_fwd(io.x, io.modality, w.input_norm, io.residual, normed, sum, rstd, B, H, w.input_norm_eps, kFloat32, 1);
-  skinny_linear(normed, H, w.qkv, H, w.qkv_bias, scratch + at.qkv, B, H, qkv_width, kFloat32, num_threads);
-  rotate_and_cache(sh, io, scratch + at.qkv, scratch + at.q);
-  std::vector<int32_t> cache_len(io.positions, io.positions + B);  // B ints; the kernels allocate more
-  for (int32_t& length : cache_len) length += 1;                    // the new token is the last one attended
-  decode_attention_fwd(scratch + at.q, io.k_cache, io.v_cache, cache_len.data(), scratch + at.attended, B,
-                       sh.q_heads, sh.kv_heads, 1, sh.cache_size, d, std::pow(static_cast<double>(d), -0.5),
-                       kFloat32, attention_threads);  // the scale as Python's d ** -0.5
-  skinny_linear(scratch + at.attended, q_width, w.o, q_width, w.o_bias, scratch + at.projected, B, q_width, H,
-                kFloat32, num_threads);
-
-  // MLP block.
-  rms_norm_fwd(scratch + at.projected, io.modality, w.post_attention_norm, stream, normed, io.residual_out, rstd, B,
-               H, w.post_attention_norm_eps, kFloat32, 1);
-  skinny_linear(normed, H, w.gate_up, H, w.gate_up_bias, scratch + at.gate_up, B, H, 2 * I, kFloat32, num_threads);
-  swiglu(scratch + at.gate_up, scratch + at.swiglu, B, I);
-  skinny_linear(scratch + at.swiglu, I, w.down, I, w.down_bias, io.x_out, B, I, H, kFloat32, num_threads);
+  const int64_t needed = decode_layer_scratch_size(sh, dtype);
+  FASTMM_CHECK(io.scratch_size >= needed, "decode_layer",
+               "scratch holds " + std::to_string(io.scratch_size) + " bytes, needs " + std::to_string(needed));
+  FASTMM_CHECK(reinterpret_cast<uintptr_t>(io.scratch) % 64 == 0, "decode_layer", "scratch must be 64-byte aligned");
+  dispatch_dtype(dtype, [&](auto zero) {
+    run_layer<decltype(zero)>(sh, w, io, dtype, num_threads, attention_threads);
+  });
 }
 
 }  // namespace fastmm

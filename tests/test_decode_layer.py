@@ -27,11 +27,29 @@ CONFIGS = {
 }
 
 
-def random_decoder(**overrides):
-    """The decoder of a random fp32 tiny-preset UnifiedModel with ``overrides``, norm weights drawn too."""
+# Runner against the Python path, per dtype: (tolerance, share of elements that must be bit-identical). fp32
+# differs only where SiLU's exp does (an ulp now and then, carried by later layers). In 16 bits the runner
+# rounds where the Python layers round, so nearly every element is identical (all of them on the development
+# host); an exp ulp may flip one rounding now and then, by one 16-bit ulp (bf16 2^-8, fp16 2^-11 relative).
+# A missed rounding point would change a large share of the elements.
+TOLERANCE = {torch.float32: (1e-5, 0.0), torch.bfloat16: (2**-7, 0.99), torch.float16: (2**-10, 0.99)}
+
+
+def assert_matches(native: torch.Tensor, python: torch.Tensor, dtype: torch.dtype) -> None:
+    tol, identical = TOLERANCE[dtype]
+    torch.testing.assert_close(native, python, rtol=tol, atol=tol)
+    share = (native == python).float().mean().item()
+    assert share >= identical, f"only {share:.1%} of the elements are bit-identical to the Python path's"
+
+
+def random_decoder(dtype: torch.dtype = torch.float32, **overrides):
+    """The decoder of a random tiny-preset UnifiedModel in ``dtype`` with ``overrides``, norm weights drawn too
+    (the RoPE tables stay fp32, as from_pretrained leaves them)."""
     config = dataclasses.replace(presets.demo_config("tiny"), vision=None, image_gen=None, vq=None, **overrides)
     torch.manual_seed(0)
-    decoder = UnifiedModel(config).eval().decoder
+    model = UnifiedModel(config).eval().to(dtype)
+    model.rebuild_buffers("cpu")
+    decoder = model.decoder
     with torch.no_grad():
         for name, p in decoder.named_parameters():
             if name.endswith("norm.weight"):
@@ -44,6 +62,7 @@ def prefilled(decoder, batch: int = 2, max_len: int = 12) -> KVCache:
     conditional and an unconditional prompt)."""
     cache = decoder.new_cache(batch, max_len)
     prompt = torch.randn(batch, 5, decoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(decoder.embed_tokens.weight.dtype)
     with torch.no_grad():
         decoder(prompt, torch.zeros(batch, 5, dtype=torch.int64), cache, prefill=True)
     cache.lengths[1] = 3
@@ -51,35 +70,38 @@ def prefilled(decoder, batch: int = 2, max_len: int = 12) -> KVCache:
 
 
 def uses_runner(decoder, cache: KVCache) -> bool:
-    token = torch.zeros(cache.k.shape[1], 1, decoder.config.hidden_size)
+    token = torch.zeros(cache.k.shape[1], 1, decoder.config.hidden_size, dtype=cache.k.dtype)
     return isinstance(decoder._native_decode_runner(token, cache, False), DecodeLayerRunner)
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_runner_matches_the_python_path(name, monkeypatch):
-    decoder = random_decoder(**CONFIGS[name])
+def test_runner_matches_the_python_path(name, dtype, monkeypatch):
+    decoder = random_decoder(dtype, **CONFIGS[name])
     native_cache, python_cache = prefilled(decoder), prefilled(decoder)
     B, H = 2, decoder.config.hidden_size
     modality = torch.zeros(B, 1, dtype=torch.int64)
     generator = torch.Generator().manual_seed(2)
     native, python = [], []
     for _ in range(6):
-        token = torch.randn(B, 1, H, generator=generator)
+        token = torch.randn(B, 1, H, generator=generator).to(dtype)
         native.append(decoder(token, modality, native_cache, prefill=False))
         with monkeypatch.context() as patch:
             patch.setattr(decoder, "_native_decode_runner", lambda *args: None)
             python.append(decoder(token, modality, python_cache, prefill=False))
     assert uses_runner(decoder, native_cache)
-    torch.testing.assert_close(torch.cat(native, dim=1), torch.cat(python, dim=1), rtol=1e-5, atol=1e-5)
+    assert_matches(torch.cat(native, dim=1), torch.cat(python, dim=1), dtype)
     assert torch.equal(native_cache.lengths, python_cache.lengths)
-    torch.testing.assert_close(native_cache.k, python_cache.k, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(native_cache.v, python_cache.v, rtol=1e-5, atol=1e-5)
+    assert_matches(native_cache.k, python_cache.k, dtype)
+    assert_matches(native_cache.v, python_cache.v, dtype)
 
 
-def test_greedy_image_tokens_equal_the_python_path(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_greedy_image_tokens_equal_the_python_path(dtype, monkeypatch):
     torch.manual_seed(0)
-    model = UnifiedModel(presets.demo_config("tiny")).eval()
+    model = UnifiedModel(presets.demo_config("tiny")).eval().to(dtype)
+    model.rebuild_buffers("cpu")
     prompt = [presets.BOS, 10, 11, 12, 13, presets.BOI]
     native = generate_image(model, prompt, temperature=0.0, decode_pixels=False).tokens
     assert model.decoder._native_runners is not None  # the runner ran
@@ -100,6 +122,8 @@ def test_python_path_where_the_runner_does_not_apply():
         assert decoder._native_decode_runner(token, cache, False) is None
     with use_backend("reference"):
         assert decoder._native_decode_runner(token, cache, False) is None
+    decoder.rope_cos = decoder.rope_cos.bfloat16()  # as a module-wide .to(torch.bfloat16) leaves it
+    assert decoder._native_decode_runner(token, cache, False) is None
     adaptive = random_decoder(modality_adaptive=True)
     assert adaptive._native_decode_runner(token, prefilled(adaptive), False) is None
 
@@ -132,6 +156,10 @@ def double_norm(decoder):
     norm.weight = nn.Parameter(norm.weight.double())
 
 
+def bf16_gate_up(decoder):
+    decoder.layers[1].mlp.gate_up_proj.bfloat16()
+
+
 def narrow_o_proj(decoder):
     decoder.layers[0].attn.o_proj = nn.Linear(decoder.config.num_heads * decoder.config.head_dim, 8)
 
@@ -145,6 +173,7 @@ def half_rope_table(decoder):
     [
         (transposed_down_proj, r"layers\[1\]\.mlp\.down_proj\.weight must be a contiguous CPU torch.float32 tensor"),
         (double_norm, r"layers\[0\]\.input_norm\.weight must be a contiguous CPU torch.float32 tensor"),
+        (bf16_gate_up, r"layers\[1\]\.mlp\.gate_up_proj\.weight must be a contiguous CPU torch.float32 .* got torch.bfloat16"),
         (narrow_o_proj, r"layers\[0\]\.attn\.o_proj\.weight must be .* of shape \(64, 64\)"),
         (half_rope_table, r"decoder\.rope_cos must be .* of shape \(2048, 16\)"),
     ],
@@ -155,6 +184,12 @@ def test_bad_decoders_are_refused(spoil, error):
     spoil(decoder)
     with pytest.raises(ValueError, match=error):
         DecodeLayerRunner(decoder, cache, 2)
+
+
+def test_unsupported_dtypes_are_refused():
+    decoder = random_decoder().double()
+    with pytest.raises(ValueError, match="decoder's dtype must be float32, bfloat16 or float16, got torch.float64"):
+        DecodeLayerRunner(decoder, decoder.new_cache(2, 8), 2)
 
 
 def test_bad_caches_are_refused():
@@ -180,8 +215,10 @@ def test_bad_steps_are_refused():
     cache = prefilled(decoder, max_len=6)
     runner = DecodeLayerRunner(decoder, cache, 2)
     token, modality = torch.zeros(2, 1, decoder.config.hidden_size), torch.zeros(2, 1, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"embeds must be a CPU float32 tensor of shape \(2, 1, 64\)"):
+    with pytest.raises(ValueError, match=r"embeds must be a CPU torch.float32 tensor of shape \(2, 1, 64\)"):
         runner.run(token[:1], modality)
+    with pytest.raises(ValueError, match=r"embeds must be a CPU torch.float32 tensor .* got torch.bfloat16"):
+        runner.run(token.bfloat16(), modality)
     with pytest.raises(ValueError, match=r"modality must be a CPU int64 tensor of shape \(2, 1\)"):
         runner.run(token, modality.int())
     with pytest.raises(ValueError, match=r"modality ids must be in \[0, 1\), got values in \[0, 1\]"):

@@ -5,8 +5,9 @@ q, k, v come from one fused projection and gate / up from another: one GEMM wher
 which matters at decode batch sizes, where every GEMM streams its weights for a handful of rows. With
 ``modality_adaptive`` (mPLUG-Owl2) the norms hold one weight per modality and k / v are a routed projection.
 
-The layers below are the reference and what torch.compile and CUDA graphs capture. An eager fp32 decode step on
-the CPU runs each layer as one C++ call instead (fastmm.native.decode_layer), without the per-op overhead.
+The layers below are the reference and what torch.compile and CUDA graphs capture. An eager decode step on the
+CPU (fp32, bf16 or fp16) runs each layer as one C++ call instead (fastmm.native.decode_layer), without the
+per-op overhead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from fastmm.models.linear import Linear
 from fastmm.nn.attention import apply_rope
 from fastmm.nn.norm import ModalityRMSNorm, RoutedLinear
 from fastmm.runtime.kv_cache import KVCache
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what fastmm.native.decode_layer runs
 
 
 def rope_table(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,15 +173,17 @@ class Decoder(nn.Module):
     def _native_decode_runner(self, embeds: torch.Tensor, cache: KVCache, prefill: bool):
         """The DecodeLayerRunner (fastmm.native.decode_layer: one C++ call per layer, built once per cache and
         batch) for this step, or None where the layers run in Python: prefill, several tokens per row, autograd,
-        torch.compile (the Python path is what it traces), devices, dtypes or backends other than CPU fp32
-        native, and modality-adaptive models (routed k / v projections)."""
+        torch.compile (the Python path is what it traces), devices, dtypes or backends other than CPU
+        fp32 / bf16 / fp16 native, RoPE tables that are not fp32, and modality-adaptive models (routed k / v
+        projections)."""
         if torch.compiler.is_compiling():
             return None
         if prefill:
             if self._native_runners is not None:  # a new sequence in this cache: its runner may predate new weights
                 self._native_runners.drop(cache)
             return None
-        if (embeds.shape[1] != 1 or embeds.device.type != "cpu" or embeds.dtype != torch.float32
+        if (embeds.shape[1] != 1 or embeds.device.type != "cpu" or embeds.dtype not in _NATIVE_DTYPES
+                or self.rope_cos.dtype != torch.float32  # cast by a module-wide .to(dtype): the Python path copes
                 or self.config.modality_adaptive or torch.is_grad_enabled()
                 or choose_backend("modality_rms_norm", embeds.device) != "native"):  # fmt: skip
             return None

@@ -4,7 +4,8 @@ The Python path runs a decode step as about 18 ops per layer, each paying valida
 on CPU that costs about as much as the weight GEMMs themselves at the 8 x 512 benchmark model. A
 DecodeLayerRunner pays them once, for one (Decoder, KVCache, batch): its constructor checks every weight, the
 cache and the RoPE tables and allocates the scratch and output buffers; a step then checks in O(1) only what
-can change between steps (the input, the modality ids, the cache lengths) and makes one call per layer.
+can change between steps (the input, the modality ids, the cache lengths) and makes one call per layer. It runs
+in the model's dtype (float32, bfloat16 or float16), rounding where the Python layers round.
 
 A runner holds the tensors its pointers point into, so they stay valid as long as it lives; DecodeRunners keeps
 one per live KVCache.
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import threads_for
+from fastmm.native._shared import DTYPE_CODE, threads_for
 from fastmm.runtime.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -42,25 +43,25 @@ def _check(
     return t.detach()
 
 
-def _layer_weights(name: str, layer, config) -> tuple[list[torch.Tensor], tuple]:
-    """(the parameters of decoder layer ``name``, checked and detached; decode_layer's weight arguments: their
-    pointers, each norm's eps after its weight, 0 for an absent bias)."""
+def _layer_weights(name: str, layer, config, dtype: torch.dtype) -> tuple[list[torch.Tensor], tuple]:
+    """(the parameters of decoder layer ``name``, checked to be ``dtype`` and detached; decode_layer's weight
+    arguments: their pointers, each norm's eps after its weight, 0 for an absent bias)."""
     H, I, M = config.hidden_size, config.intermediate_size, config.num_modalities
     q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     qkv_width = q_width + 2 * kv_width
     attn, mlp = layer.attn, layer.mlp
     if not hasattr(attn, "qkv_proj"):
         raise ValueError(f"DecodeLayerRunner: {name}.attn has a routed kv_proj (modality_adaptive), which it does not run")
-    input_norm = _check(f"{name}.input_norm.weight", layer.input_norm.weight, (M, H))
-    qkv = _check(f"{name}.attn.qkv_proj.weight", attn.qkv_proj.weight, (qkv_width, H))
-    qkv_bias = _check(f"{name}.attn.qkv_proj.bias", attn.qkv_proj.bias, (qkv_width,), optional=True)
-    o = _check(f"{name}.attn.o_proj.weight", attn.o_proj.weight, (H, q_width))
-    o_bias = _check(f"{name}.attn.o_proj.bias", attn.o_proj.bias, (H,), optional=True)
-    post_norm = _check(f"{name}.post_attention_norm.weight", layer.post_attention_norm.weight, (M, H))
-    gate_up = _check(f"{name}.mlp.gate_up_proj.weight", mlp.gate_up_proj.weight, (2 * I, H))
-    gate_up_bias = _check(f"{name}.mlp.gate_up_proj.bias", mlp.gate_up_proj.bias, (2 * I,), optional=True)
-    down = _check(f"{name}.mlp.down_proj.weight", mlp.down_proj.weight, (H, I))
-    down_bias = _check(f"{name}.mlp.down_proj.bias", mlp.down_proj.bias, (H,), optional=True)
+    input_norm = _check(f"{name}.input_norm.weight", layer.input_norm.weight, (M, H), dtype)
+    qkv = _check(f"{name}.attn.qkv_proj.weight", attn.qkv_proj.weight, (qkv_width, H), dtype)
+    qkv_bias = _check(f"{name}.attn.qkv_proj.bias", attn.qkv_proj.bias, (qkv_width,), dtype, optional=True)
+    o = _check(f"{name}.attn.o_proj.weight", attn.o_proj.weight, (H, q_width), dtype)
+    o_bias = _check(f"{name}.attn.o_proj.bias", attn.o_proj.bias, (H,), dtype, optional=True)
+    post_norm = _check(f"{name}.post_attention_norm.weight", layer.post_attention_norm.weight, (M, H), dtype)
+    gate_up = _check(f"{name}.mlp.gate_up_proj.weight", mlp.gate_up_proj.weight, (2 * I, H), dtype)
+    gate_up_bias = _check(f"{name}.mlp.gate_up_proj.bias", mlp.gate_up_proj.bias, (2 * I,), dtype, optional=True)
+    down = _check(f"{name}.mlp.down_proj.weight", mlp.down_proj.weight, (H, I), dtype)
+    down_bias = _check(f"{name}.mlp.down_proj.bias", mlp.down_proj.bias, (H,), dtype, optional=True)
     tensors = [input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias]
     args = (_ptr(input_norm), float(layer.input_norm.eps), _ptr(qkv), _ptr(qkv_bias), _ptr(o), _ptr(o_bias),
             _ptr(post_norm), float(layer.post_attention_norm.eps), _ptr(gate_up), _ptr(gate_up_bias), _ptr(down),
@@ -70,10 +71,14 @@ def _layer_weights(name: str, layer, config) -> tuple[list[torch.Tensor], tuple]
 
 class DecodeLayerRunner:
     """Runs every layer of ``decoder`` for a decode step of ``batch`` rows (one new token each) into ``cache``:
-    ``run(embeds, modality) -> (x, residual)``, what the layer loop of Decoder.forward returns."""
+    ``run(embeds, modality) -> (x, residual)``, what the layer loop of Decoder.forward returns. Its dtype is the
+    decoder's (that of embed_tokens): every weight and the cache must have it."""
 
     def __init__(self, decoder: Decoder, cache: KVCache, batch: int):
         config = decoder.config
+        dtype = decoder.embed_tokens.weight.dtype
+        if dtype not in DTYPE_CODE:
+            raise ValueError(f"DecodeLayerRunner: the decoder's dtype must be float32, bfloat16 or float16, got {dtype}")
         H, I, M = config.hidden_size, config.intermediate_size, config.num_modalities
         Hq, Hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
         if cache.k.dim() != 5 or cache.k.shape[1] != batch:
@@ -85,29 +90,32 @@ class DecodeLayerRunner:
         if S > positions:  # every position written is below S, hence a row of the tables
             raise ValueError(f"DecodeLayerRunner: cache.max_len {S} exceeds the RoPE tables' {positions} positions")
         # Every tensor a pointer points into, kept so that the pointers stay valid while the runner lives.
-        self._k = _check("cache.k", cache.k, cache_shape)
-        self._v = _check("cache.v", cache.v, cache_shape)
+        self._k = _check("cache.k", cache.k, cache_shape, dtype)
+        self._v = _check("cache.v", cache.v, cache_shape, dtype)
         self._lengths = _check("cache.lengths", cache.lengths, (batch,), torch.int32)
         self._rope = (_check("decoder.rope_cos", decoder.rope_cos, (positions, d)),
                       _check("decoder.rope_sin", decoder.rope_sin, (positions, d)))  # fmt: skip
         self._weights, weight_args = [], []
         for index, layer in enumerate(decoder.layers):
-            tensors, args = _layer_weights(f"layers[{index}]", layer, config)
+            tensors, args = _layer_weights(f"layers[{index}]", layer, config, dtype)
             self._weights.append(tensors)
             weight_args.append(args)
         sizes = (batch, H, Hq, Hkv, d, I, S)
-        self._scratch = torch.empty(_C.decode_layer_scratch_size(*sizes))
-        self._x = torch.empty(batch, 1, H)  # each layer's output in turn
-        self._residual = torch.empty(batch, 1, H)  # the residual stream, updated in place by each layer
+        code = DTYPE_CODE[dtype]
+        # Bytes; torch's CPU allocator aligns to 64 bytes, as decode_layer requires.
+        self._scratch = torch.empty(_C.decode_layer_scratch_size(*sizes, code), dtype=torch.uint8)
+        self._x = torch.empty(batch, 1, H, dtype=dtype)  # each layer's output in turn
+        self._residual = torch.empty(batch, 1, H, dtype=dtype)  # the residual stream, updated in place by each layer
 
-        self.batch, self.num_modalities, self.max_len = batch, M, S
+        self.batch, self.num_modalities, self.max_len, self.dtype = batch, M, S, dtype
         self.embeds_shape = (batch, 1, H)
         self._attention_work = batch * Hq * S * d  # what decode_attention's launcher picks its threads by
         # decode_layer's arguments between (x, residual, modality) and the thread counts, one tuple per layer.
         positions_and_outputs = (self._lengths.data_ptr(), self._x.data_ptr(), self._residual.data_ptr())
         rope_and_scratch = (*(t.data_ptr() for t in self._rope), self._scratch.data_ptr(), self._scratch.numel())
         self._layer_args = [
-            (*positions_and_outputs, self._k[i].data_ptr(), self._v[i].data_ptr(), *rope_and_scratch, *weights, *sizes)
+            (*positions_and_outputs, self._k[i].data_ptr(), self._v[i].data_ptr(), *rope_and_scratch, *weights, *sizes,
+             code)
             for i, weights in enumerate(weight_args)
         ]
         self._out_ptrs = (self._x.data_ptr(), self._residual.data_ptr())
@@ -117,7 +125,7 @@ class DecodeLayerRunner:
         the caller then advances).
 
         Args:
-            embeds: [B, 1, H] float32 CPU input embeddings.
+            embeds: [B, 1, H] CPU input embeddings in the runner's dtype.
             modality: [B, 1] int64 modality ids in [0, M).
 
         Returns:
@@ -140,8 +148,8 @@ class DecodeLayerRunner:
         """(embeds contiguous, modality as [B] contiguous ids), after checking their shapes, dtypes and ids."""
         B = self.batch
         x = embeds.contiguous()
-        if x.shape != self.embeds_shape or x.dtype != torch.float32 or not x.is_cpu:
-            raise ValueError(f"DecodeLayerRunner.run: embeds must be a CPU float32 tensor of shape {self.embeds_shape}, "
+        if x.shape != self.embeds_shape or x.dtype != self.dtype or not x.is_cpu:
+            raise ValueError(f"DecodeLayerRunner.run: embeds must be a CPU {self.dtype} tensor of shape {self.embeds_shape}, "
                              f"got {x.dtype} shape {tuple(x.shape)} on {x.device}")  # fmt: skip
         if modality.shape != (B, 1) or modality.dtype != torch.int64 or not modality.is_cpu:
             raise ValueError(f"DecodeLayerRunner.run: modality must be a CPU int64 tensor of shape ({B}, 1), got "
