@@ -122,6 +122,18 @@ def test_memory_target_is_met_when_at_most_the_goal():
         assert check.value == ours and check.met is met
 
 
+def test_a_dtype_target_is_checked_on_that_dtype_only():
+    target = Target("op", {"N": 1}, "speedup:recipe", 10, "native", dtype="float32")
+    row = lambda dtype, speedup: BenchResult(  # noqa: E731
+        "s", "op", "fastmm", {"N": 1}, dtype, "cpu", 2, 1.0, 1.0, 1.0, 3, 0, 0, None, None, None, "",
+        {"recipe": speedup}, backend="native",
+    )
+    suite = Suite("s", "", {}, lambda device, quick: [], (target,))
+    [check] = bench_runner.check_targets(suite, [row("float32", 20.0), row("bfloat16", 2.0)])
+    assert check.dtype == "float32" and check.value == 20.0 and check.met
+    assert "float32" in target.describe()
+
+
 def _png_size(path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"

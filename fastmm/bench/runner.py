@@ -198,6 +198,7 @@ def check_targets(suite: Suite, rows: list[BenchResult]) -> list[TargetCheck]:
             row for row in rows
             if row.suite == suite.name and row.op == target.op and row.provider == "fastmm"
             and all(row.shape.get(key) == value for key, value in target.where.items())
+            and target.dtype in (None, row.dtype)
         ]
         for row in at_shape:
             if row.backend != target.backend or row.median_ms is None:

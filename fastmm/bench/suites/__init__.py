@@ -56,6 +56,7 @@ class Target:
     metric: str
     goal: float  # reached when the metric is >= goal (for memory_pct: <= goal)
     backend: str  # fastmm backend the goal is set for (a native CPU goal says nothing of triton)
+    dtype: str | None = None  # the one dtype name ("float32") the goal is set for; None: every dtype run
 
     @property
     def lower_is_better(self) -> bool:
@@ -69,7 +70,8 @@ class Target:
             what = f"peak allocation <= {self.goal:g}% of {baseline}'s"
         else:
             what = f">= {self.goal:g}x {baseline}"
-        return f"{self.op} {shape_label(self.where)} ({self.backend}): {what}"
+        dtype = f" {self.dtype}" if self.dtype else ""
+        return f"{self.op} {shape_label(self.where)}{dtype} ({self.backend}): {what}"
 
 
 @dataclasses.dataclass(frozen=True)
