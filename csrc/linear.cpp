@@ -117,28 +117,29 @@ void tile(const Problem<bf16, bf16>& pb, int64_t n, int64_t first_row) {
   static_assert(R == 1, "the vdpbf16ps tiles read one weight row at a time");
   const bf16* w = pb.weight + n * pb.weight_stride;
   const bf16* x = pb.x + first_row * pb.padded;
-  __m512 acc[2][MB];
-  for (auto& half : acc)
-    for (__m512& a : half) a = _mm512_setzero_ps();
-  const auto accumulate = [&](__m512* into, int64_t j, __mmask32 lanes) {
-    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(lanes, w + j));
-    for (int m = 0; m < MB; ++m) {
-      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + m * pb.padded + j));
-      into[m] = _mm512_dpbf16_ps(into[m], wv, xv);
-    }
+  const auto x_block = [&](int m, int64_t j) {
+    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + m * pb.padded + j));
   };
-  constexpr __mmask32 kAll = ~__mmask32{0};
+  // Plain arrays indexed by unrolled constants, so that GCC keeps every accumulator in a register.
+  __m512 even[MB], odd[MB];
+  for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 2 * kPairBlock <= pb.dim; j += 2 * kPairBlock) {
-    accumulate(acc[0], j, kAll);
-    accumulate(acc[1], j + kPairBlock, kAll);
+    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j));
+    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j + kPairBlock));
+    for (int m = 0; m < MB; ++m) {
+      even[m] = _mm512_dpbf16_ps(even[m], w0, x_block(m, j));
+      odd[m] = _mm512_dpbf16_ps(odd[m], w1, x_block(m, j + kPairBlock));
+    }
   }
   for (; j < pb.dim; j += kPairBlock) {
     const int64_t left = pb.dim - j;
-    accumulate(acc[0], j, left >= kPairBlock ? kAll : static_cast<__mmask32>((uint64_t{1} << left) - 1));
+    const __mmask32 lanes = left >= kPairBlock ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << left) - 1);
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(lanes, w + j));
+    for (int m = 0; m < MB; ++m) even[m] = _mm512_dpbf16_ps(even[m], wv, x_block(m, j));
   }
   for (int m = 0; m < MB; ++m) {
-    const float sum = horizontal_sum(_mm512_add_ps(acc[0][m], acc[1][m]));
+    const float sum = horizontal_sum(_mm512_add_ps(even[m], odd[m]));
     pb.y[(first_row + m) * pb.out_features + n] = from_float<bf16>(sum + (pb.bias ? to_float(pb.bias[n]) : 0.f));
   }
 }
@@ -148,6 +149,9 @@ void tile(const Problem<bf16, bf16>& pb, int64_t n, int64_t first_row) {
 template <int R, typename T, typename X>
 void weight_tile(const Problem<T, X>& pb, int64_t n) {
   int64_t m = 0;
+  if constexpr (std::is_same_v<X, bf16>) {  // one weight row per tile: more rows of x per pass
+    for (; m + 4 <= pb.rows; m += 4) tile<R, 4>(pb, n, m);
+  }
   for (; m + 2 <= pb.rows; m += 2) tile<R, 2>(pb, n, m);
   if (m < pb.rows) tile<R, 1>(pb, n, m);
 }

@@ -1,6 +1,8 @@
 """Op family `linear`: every backend against fp64 truth by the error-ratio rule (tests/tolerance.py).
 
-Row counts 17 and 40 pass the skinny kernels' limit (16) and check the F.linear path; in-feature counts
+Row counts 17 and 40 pass the skinny kernels' limit (16; 4 for native bf16) and check the F.linear path; the
+native kernel is also tested directly at every row count up to 16 (the decode layer calls it with any batch)
+and in bf16, 4 is its tile of four rows of x; in-feature counts
 1, 5 and 100 leave partial 16-lane blocks and K tiles; out-feature counts 1, 3 and 33 leave partial tiles of
 weight rows and output columns."""
 
@@ -19,7 +21,7 @@ from fastmm.backend import native_status
 from fastmm.reference import linear as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ROWS = [1, 2, 3, 7, 16, 17, 40]
+ROWS = [1, 2, 3, 4, 7, 16, 17, 40]
 IN_FEATURES = [1, 5, 64, 100, 512]
 OUT_FEATURES = [1, 3, 33, 1000]
 
@@ -135,6 +137,17 @@ def test_linear_bad_input_names_the_argument(label, call, exc, words):
         call()
     for word in words:
         assert word in str(info.value), f"{label}: message {str(info.value)!r} lacks {word!r}"
+
+
+@pytest.mark.skipif(not native_status()[0], reason=native_status()[1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_skinny_kernel_at_every_row_count(dtype):
+    """Row counts up to 16 in every dtype, past the bf16 routing limit too: tiles of 4, 2 and 1 rows of x."""
+    from fastmm.native import linear as native
+
+    for M, (K, N) in itertools.product(range(1, 17), [(100, 33), (512, 8)]):
+        x, weight, b = _data((M, K), N, dtype, "cpu", seed=M)
+        assert_linear(f"native skinny M={M} K={K} N={N}", native.skinny_linear(x, weight, b), x, weight, b)
 
 
 @pytest.mark.skipif(not native_status()[0], reason=native_status()[1])

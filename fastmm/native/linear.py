@@ -22,6 +22,10 @@ from fastmm.native._shared import DTYPE_CODE
 # the 2-thread AMD EPYC development host MKL's sgemm stayed behind the skinny kernel (then bound by FMAs, M per
 # weight element) up to M = 64-128 (2048 x 2048: 3.1 vs 3.8 ms at M = 64, a tie at 128).
 SKINNY_MAX_ROWS = 16
+# bf16 is the exception: there F.linear is oneDNN's AVX512_BF16 GEMM, which passes the skinny kernel (one weight
+# row per pass, vdpbf16ps) from M = 8 on: 0.55-0.77x of it at M = 8 and 0.42-0.60x at M = 14 with weights from
+# DRAM, against 1.2-1.5x at M = 4 and 1.3-1.8x at M = 2 (decoder and head shapes at hidden 512 and 2048).
+SKINNY_MAX_ROWS_BF16 = 4
 
 
 def _fail(name: str, expected: str, t: torch.Tensor) -> NoReturn:
@@ -62,14 +66,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """y = x weight^T + bias.
 
     x [M, K] and weight [N, K] float32 / float16 / bfloat16 in one dtype, bias [N] or None. Returns y [M, N]
-    contiguous in that dtype, fp32 accumulation. M <= SKINNY_MAX_ROWS runs the skinny kernel, which reads rows
-    through their row stride (x is copied only when its elements along K are not adjacent; a weight whose
-    elements along K are not adjacent, such as a transposed view, goes to F.linear, which reads it in place).
-    Larger M runs F.linear.
+    contiguous in that dtype, fp32 accumulation. M <= SKINNY_MAX_ROWS (bf16: SKINNY_MAX_ROWS_BF16) runs
+    skinny_linear; larger M runs F.linear, and so does a weight whose elements along K are not adjacent (such as
+    a transposed view), which F.linear reads in place.
     """
-    (M, K), N = x.shape, weight.shape[0]
-    if M > SKINNY_MAX_ROWS or (K > 1 and weight.stride()[1] != 1):
+    K = x.shape[1]
+    max_rows = SKINNY_MAX_ROWS_BF16 if x.dtype == torch.bfloat16 else SKINNY_MAX_ROWS
+    if x.shape[0] > max_rows or (K > 1 and weight.stride()[1] != 1):
         return F.linear(x, weight, bias)
+    return skinny_linear(x, weight, bias)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The skinny kernel for any M (linear's arguments): rows are read through their row stride, and x is
+    copied only when its elements along K are not adjacent."""
+    (M, K), N = x.shape, weight.shape[0]
     if K > 1 and x.stride()[1] != 1:
         x = x.contiguous()
     if bias is not None and not bias.is_contiguous():
