@@ -22,9 +22,10 @@ from fastmm.native._shared import DTYPE_CODE
 # the 2-thread AMD EPYC development host MKL's sgemm stayed behind the skinny kernel (then bound by FMAs, M per
 # weight element) up to M = 64-128 (2048 x 2048: 3.1 vs 3.8 ms at M = 64, a tie at 128).
 SKINNY_MAX_ROWS = 16
-# bf16 is the exception: there F.linear is oneDNN's AVX512_BF16 GEMM, which passes the skinny kernel (one weight
-# row per pass, vdpbf16ps) from M = 8 on: 0.55-0.77x of it at M = 8 and 0.42-0.60x at M = 14 with weights from
-# DRAM, against 1.2-1.5x at M = 4 and 1.3-1.8x at M = 2 (decoder and head shapes at hidden 512 and 2048).
+# bf16 is the exception: there F.linear is oneDNN's AVX512_BF16 GEMM, which catches up with the skinny kernel
+# (one weight row per pass, vdpbf16ps) at M = 8 and passes it beyond. Measured on the development host with
+# weights from DRAM, over the head and hidden-512 / 2048 projection shapes: the kernel is 2.0-2.6x F.linear at
+# M = 4, 0.7-1.7x at M = 8 (slower on the hidden-2048 shapes), 0.36-0.78x at M = 14.
 SKINNY_MAX_ROWS_BF16 = 4
 
 
