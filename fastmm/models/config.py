@@ -34,8 +34,10 @@ class VisionConfig:
 
 @dataclasses.dataclass
 class ImageGenConfig:
-    """Discrete image output (Janus): token id -> code embedding -> aligner -> decoder input, and a head
-    from the decoder's last hidden state to scores over the codebook."""
+    """Discrete image output. Janus: token id -> code embedding -> aligner -> decoder input, and a head
+    from the decoder's last hidden state to scores over the codebook. Chameleon / Emu3 (``shared_vocab_start``
+    set): image token i is text id shared_vocab_start + i, read through embed_tokens and scored by the LM head's
+    rows of the image ids alone; the embedding, aligner and head fields are then unused."""
 
     codebook_size: int = 16384  # image vocabulary
     code_dim: int = 8  # width of the generation embeddings (and of the tokenizer's codes)
@@ -43,6 +45,11 @@ class ImageGenConfig:
     aligner_depth: int = 2  # Linear layers in the aligner, GELU between them
     head_width: int = 2048  # hidden width of the generation head (Linear -> GELU -> Linear)
     num_image_tokens: int = 576  # tokens per generated image, a square grid
+    shared_vocab_start: int | None = None  # first text id of the image tokens (shared vocabulary); None: Janus
+
+    @property
+    def shared_vocab(self) -> bool:
+        return self.shared_vocab_start is not None
 
 
 @dataclasses.dataclass
@@ -104,7 +111,15 @@ class UnifiedConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"UnifiedConfig: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
-        if self.image_gen is not None and self.image_gen.aligner_width != self.hidden_size:
+        gen = self.image_gen
+        if gen is not None and gen.shared_vocab:
+            start = gen.shared_vocab_start
+            if not isinstance(start, int) or start < 0 or start + gen.codebook_size > self.vocab_size:
+                raise ValueError(
+                    f"UnifiedConfig: image_gen.shared_vocab_start must be an int with shared_vocab_start + "
+                    f"codebook_size ({gen.codebook_size}) <= vocab_size ({self.vocab_size}), got {start!r}"
+                )
+        elif gen is not None and gen.aligner_width != self.hidden_size:
             raise ValueError(
                 f"UnifiedConfig: image_gen.aligner_width ({self.image_gen.aligner_width}) must equal hidden_size "
                 f"({self.hidden_size}): aligned codes are decoder inputs"

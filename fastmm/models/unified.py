@@ -49,7 +49,8 @@ class UnifiedModel(nn.Module):
             self.lm_head.weight = self.decoder.embed_tokens.weight
         self.vision = VisionEncoder(config.vision) if config.vision is not None else None
         gen = config.image_gen
-        if gen is not None:
+        self.gen_head = None
+        if gen is not None and not gen.shared_vocab:
             self.gen_embed = nn.Embedding(gen.codebook_size, gen.code_dim)
             self.gen_aligner = AlignerMLP(gen.code_dim, gen.aligner_width, gen.aligner_depth)
             self.gen_head = GenerationHead(config.hidden_size, gen.head_width, gen.codebook_size)
@@ -109,8 +110,10 @@ class UnifiedModel(nn.Module):
 
     @torch.no_grad()
     def refresh_generation_table(self) -> None:
-        """gen_table = gen_aligner(gen_embed.weight); call again after changing either."""
-        self.gen_table = self.gen_aligner(self.gen_embed.weight).to(self.gen_embed.weight.dtype)
+        """gen_table = gen_aligner(gen_embed.weight); call again after changing either. Nothing to do with a
+        shared vocabulary, whose table is a view of embed_tokens."""
+        if self.gen_head is not None:
+            self.gen_table = self.gen_aligner(self.gen_embed.weight).to(self.gen_embed.weight.dtype)
 
     # ------------------------------------------------------------------------------------------ parts
 
@@ -145,12 +148,26 @@ class UnifiedModel(nn.Module):
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def _image_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The rows of the image ids in a [vocab_size, hidden] matrix of a shared vocabulary: a view, no copy."""
+        start = self.config.image_gen.shared_vocab_start
+        return weight[start : start + self.config.image_gen.codebook_size]
+
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.gen_head(hidden)
+        """Scores [..., codebook_size] over the image tokens. With a shared vocabulary only the image ids' rows
+        of the LM head are read (the whole head is 8x that at Chameleon's 65536 ids over 8192 codes)."""
+        if self.gen_head is not None:
+            return self.gen_head(hidden)
+        return ops.linear(hidden, self._image_rows(self.lm_head.weight))
+
+    @property
+    def generation_table(self) -> torch.Tensor:
+        """[codebook_size, hidden]: the decoder input of each image token."""
+        return self.gen_table if self.gen_head is not None else self._image_rows(self.decoder.embed_tokens.weight)
 
     def image_embeds(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Decoder inputs for generated image tokens: one gather from gen_table."""
-        return ops.vq_embed(tokens, self.gen_table)
+        """Decoder inputs for generated image tokens: one gather from the generation table."""
+        return ops.vq_embed(tokens, self.generation_table)
 
     def decode_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """image tokens [N, num_image_tokens] -> pixels [N, 3, S, S], about [-1, 1]."""

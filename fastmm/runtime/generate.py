@@ -4,7 +4,7 @@ Image generation runs the conditional and unconditional rows of classifier-free 
 the prompt, every token is one *decode step*, a function of static buffers only:
 
     embeds [R, 1, hidden] -> decoder (KV cache written at cache.lengths) -> generation head -> cfg_sample
-    (seed, step counter on the device) -> ids [N] -> tokens[:, step] = ids -> embeds = gen_table[ids]
+    (seed, step counter on the device) -> ids [N] -> tokens[:, step] = ids -> embeds = generation_table[ids]
 
 Nothing in it reads a tensor on the host, so on CUDA it is captured once as a CUDA graph and replayed per
 token (fastmm.runtime.cuda_graph); on CPU it runs eagerly on the same buffers, and it compiles with
@@ -96,7 +96,7 @@ class ImageDecodeStep:
         self.model, self.cache, self.groups = model, cache, groups
         self.sampling = dict(scales=tuple(scales), temperature=float(temperature), top_k=top_k, top_p=top_p, seed=seed)
         rows = groups * num_images
-        self.embeds = torch.zeros(rows, 1, config.hidden_size, dtype=model.gen_table.dtype, device=device)
+        self.embeds = torch.zeros(rows, 1, config.hidden_size, dtype=model.generation_table.dtype, device=device)
         image_modality = 1 if config.modality_adaptive else 0
         self.modality = torch.full((rows, 1), image_modality, dtype=torch.int64, device=device)
         self.ids = torch.zeros(num_images, dtype=torch.int64, device=device)
@@ -135,7 +135,7 @@ def start_image_generation(
     """Validate, run the prompt (conditional and unconditional rows) through the decoder into a fresh KV cache,
     sample the first token, and return the decode step that produces the others (arguments as
     generate_image). Each call of the returned step adds one token to its ``tokens`` buffer."""
-    if getattr(model, "gen_head", None) is None:
+    if model.config.image_gen is None:
         raise ValueError("generate_image: the model has no image-generation path (config.image_gen is None)")
     _check_sampling(cfg_scale, temperature, top_k, top_p, num_images, seed)
     cond = _prompt_rows(model, prompt_ids, num_images)

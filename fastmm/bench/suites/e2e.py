@@ -47,11 +47,14 @@ def _hf_model(path: str, dtype: torch.dtype, device: torch.device):
 
 def decode_weight_bytes(config, dtype: torch.dtype) -> int:
     """Bytes of weights one decode step streams: every decoder layer (fused q/k/v, o, gate/up, down, two norms),
-    the final norm and the generation head."""
+    the final norm and the generation head (with a shared vocabulary: the LM head's image rows)."""
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    hidden, inner = config.hidden_size, config.intermediate_size
+    hidden, inner, gen = config.hidden_size, config.intermediate_size, config.image_gen
     layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inner + 2 * hidden
-    head = config.image_gen.head_width * (hidden + 1) + config.image_gen.codebook_size * (config.image_gen.head_width + 1)
+    if gen.shared_vocab:
+        head = gen.codebook_size * hidden
+    else:
+        head = gen.head_width * (hidden + 1) + gen.codebook_size * (gen.head_width + 1)
     return (config.num_layers * layer + hidden + head) * torch.finfo(dtype).bits // 8
 
 
