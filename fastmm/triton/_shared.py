@@ -1,4 +1,5 @@
-"""Pieces every Triton family module shares: dtype names for AOT signatures, the SM count, and the two
+"""Pieces every Triton family module shares: dtype names for AOT signatures, the SM count, split-reduction
+sizing, and the two
 jit helpers that keep kernels exact under the interpreter (bf16 rounding, tl.dot precision)."""
 
 from __future__ import annotations
@@ -18,6 +19,23 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def split_reduction(parallel_tiles: int, reduced_tiles: int, device: torch.device, programs_per_sm: int,
+                    min_tiles_per_split: int) -> tuple[int, int]:  # fmt: skip
+    """(splits, tiles_per_split) for a kernel that reduces over ``reduced_tiles`` tiles (K of a GEMV, the
+    codebook of a nearest-code search) in each of ``parallel_tiles`` programs: enough splits that parallel_tiles
+    * splits reaches about programs_per_sm programs per SM, none shorter than min_tiles_per_split tiles. From
+    shapes and the SM count only.
+
+    Under the interpreter (CPU tensors): about 4 programs with splits of any length, so the tests run the
+    merge of the splits."""
+    if device.type == "cuda":
+        programs, min_tiles = num_sms(device) * programs_per_sm, min_tiles_per_split
+    else:
+        programs, min_tiles = 4, 1
+    tiles_per_split = triton.cdiv(reduced_tiles, max(1, min(programs // parallel_tiles, reduced_tiles // min_tiles)))
+    return triton.cdiv(reduced_tiles, tiles_per_split), tiles_per_split
 
 
 # Under TRITON_INTERPRET=1 (CPU tensors), triton 3.9's interpreter truncates fp32 -> bf16 casts instead of

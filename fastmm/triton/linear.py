@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastmm.triton._shared import TRITON_DTYPE, aot_signature, cast, dot, num_sms
+from fastmm.triton._shared import TRITON_DTYPE, aot_signature, cast, dot, split_reduction
 from fastmm.triton.aot import AotConfig, register_aot
 
 __all__ = ["SKINNY_MAX_ROWS", "linear"]
@@ -128,20 +128,6 @@ _PROGRAMS_PER_SM = 4  # a GEMV hides memory latency with loads in flight: severa
 _MIN_TILES_PER_SPLIT = 4  # a split's fixed costs (pipeline fill, partial write) stay small
 
 
-def _split_k(col_tiles: int, k_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tiles_per_split): enough splits of K that col_tiles * splits reaches about _PROGRAMS_PER_SM
-    programs per SM, none shorter than _MIN_TILES_PER_SPLIT tiles. From shapes and the SM count only.
-
-    Under the interpreter (CPU tensors): about 4 programs with splits of any length, so the tests run the
-    sum of the splits."""
-    if device.type == "cuda":
-        programs, min_tiles = num_sms(device) * _PROGRAMS_PER_SM, _MIN_TILES_PER_SPLIT
-    else:
-        programs, min_tiles = 4, 1
-    tiles_per_split = triton.cdiv(k_tiles, max(1, min(programs // col_tiles, k_tiles // min_tiles)))
-    return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x weight^T + bias.
 
@@ -158,7 +144,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     launch = _LAUNCHES[x.element_size()]
     col_tiles = triton.cdiv(N, launch.block_n)
     k_tiles = max(1, triton.cdiv(K, launch.block_k))  # K = 0: one empty tile, so y = bias
-    splits, tiles_per_split = _split_k(col_tiles, k_tiles, x.device)
+    splits, tiles_per_split = split_reduction(col_tiles, k_tiles, x.device, _PROGRAMS_PER_SM, _MIN_TILES_PER_SPLIT)
     bias = None if bias is None else bias.contiguous()
     out = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     _skinny_linear_kernel[(col_tiles, splits)](

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmm.triton._shared import TRITON_DTYPE, aot_signature, dot, num_sms
+from fastmm.triton._shared import TRITON_DTYPE, aot_signature, dot, split_reduction
 from fastmm.triton.aot import AotConfig, register_aot
 
 __all__ = ["nearest_code"]
@@ -263,20 +263,6 @@ def _launch(D: int, dtype: torch.dtype) -> _Launch:
     return _DOT_LAUNCHES[dtype.itemsize]
 
 
-def _split_codes(row_tiles: int, code_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tiles_per_split): enough splits of the codebook that row_tiles * splits reaches about two
-    programs per SM, none shorter than _MIN_TILES_PER_SPLIT tiles. From shapes and the SM count only.
-
-    Under the interpreter (CPU tensors): about 4 programs with splits of any length, so the tests run
-    the merge."""
-    if device.type == "cuda":
-        programs, min_tiles = num_sms(device) * _PROGRAMS_PER_SM, _MIN_TILES_PER_SPLIT
-    else:
-        programs, min_tiles = 4, 1
-    tiles_per_split = triton.cdiv(code_tiles, max(1, min(programs // row_tiles, code_tiles // min_tiles)))
-    return triton.cdiv(code_tiles, tiles_per_split), tiles_per_split
-
-
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor) -> torch.Tensor:
     """argmin_k (codebook_sq[k] - 2 z[b, s].codebook[k]) for every row of z.
 
@@ -292,7 +278,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Ten
         return indices
     launch = _launch(D, z.dtype)
     row_tiles = triton.cdiv(N, launch.block_n)
-    splits, tiles_per_split = _split_codes(row_tiles, triton.cdiv(K, launch.block_k), z.device)
+    splits, tiles_per_split = split_reduction(
+        row_tiles, triton.cdiv(K, launch.block_k), z.device, _PROGRAMS_PER_SM, _MIN_TILES_PER_SPLIT
+    )
     best_score = torch.empty(splits, N, dtype=torch.float32, device=z.device)
     best_index = indices.view(1, N) if splits == 1 else torch.empty(splits, N, dtype=torch.int64, device=z.device)
     launch.kernel[(row_tiles, splits)](
