@@ -20,11 +20,10 @@ from fastmm import ops
 from fastmm.backend import choose_backend
 from fastmm.models.config import UnifiedConfig
 from fastmm.models.linear import Linear
+from fastmm.native._shared import DTYPE_CODE  # the dtypes the native decode layer runs (no _C import)
 from fastmm.nn.attention import apply_rope
 from fastmm.nn.norm import ModalityRMSNorm, RoutedLinear
 from fastmm.runtime.kv_cache import KVCache
-
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what fastmm.native.decode_layer runs
 
 
 def rope_table(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +181,7 @@ class Decoder(nn.Module):
             if self._native_runners is not None:  # a new sequence in this cache: its runner may predate new weights
                 self._native_runners.drop(cache)
             return None
-        if (embeds.shape[1] != 1 or embeds.device.type != "cpu" or embeds.dtype not in _NATIVE_DTYPES
+        if (embeds.shape[1] != 1 or embeds.device.type != "cpu" or embeds.dtype not in DTYPE_CODE
                 or self.rope_cos.dtype != torch.float32  # cast by a module-wide .to(dtype): the Python path copes
                 or self.config.modality_adaptive or torch.is_grad_enabled()
                 or choose_backend("modality_rms_norm", embeds.device) != "native"):  # fmt: skip
