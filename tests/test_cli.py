@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastmm.backend import BACKENDS
+from fastmm.backend import BACKENDS, native_status
 from fastmm.bench import memory, timer
 from fastmm.bench import runner as bench_runner
 from fastmm.bench.schema import BenchResult, TargetCheck
@@ -186,5 +186,6 @@ def test_quick_e2e_bench_compares_with_transformers(tmp_path):
 def test_quick_linear_bench_checks_fastmm_against_torch(tmp_path):
     _invoke("bench", "linear", "--quick", "--device", "cpu", "--out", str(tmp_path))
     rows = [BenchResult(**row) for row in json.loads((tmp_path / "report.json").read_text())["results"]]
-    assert {row.provider for row in rows} == {"fastmm", "torch"} and not [row for row in rows if row.error]
-    assert all(row.rel_err is not None and row.rel_err < 1e-2 for row in rows if row.provider == "torch")
+    native_bf16 = {"native_skinny"} if native_status()[0] else set()  # the kernel past bf16's routing limit
+    assert {row.provider for row in rows} == {"fastmm", "torch"} | native_bf16 and not [row for row in rows if row.error]
+    assert all(row.rel_err is not None and row.rel_err < 1e-2 for row in rows if row.provider != "fastmm")

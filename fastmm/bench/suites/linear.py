@@ -1,4 +1,4 @@
-"""Suite `linear`: decode-sized GEMMs y = x W^T, x [M, K] with M = 1, 2 (classifier-free guidance) or 8 rows.
+"""Suite `linear`: decode-sized GEMMs y = x W^T, x [M, K] with M = 1 to 8 rows (2: classifier-free guidance).
 
 The weights are the projections of a Llama-style decoder layer at hidden 512 (the e2e model: fused q/k/v,
 o, fused gate/up, down) and at hidden 2048 (Janus-Pro-1B's decoder), plus the image-generation head over the
@@ -6,7 +6,9 @@ o, fused gate/up, down) and at hidden 2048 (Janus-Pro-1B's decoder), plus the im
 the row is held to memory bandwidth. A weight that fits in the last-level cache (the hidden-512 ones) is read
 from it when timed back to back, so those rows can pass 100% of the DRAM copy bandwidth; inside a decode
 step, where the whole model streams through, they cannot. Baseline: `torch`, torch.nn.functional.linear on
-the same tensors (MKL on CPU, cuBLAS on GPU).
+the same tensors (MKL on CPU, cuBLAS on GPU; oneDNN for bf16 on CPU). On the native backend the bf16 rows also
+time `native_skinny`, the skinny kernel called past the routing of fastmm.ops.linear, which hands bf16 calls of
+more than SKINNY_MAX_ROWS_BF16 rows to F.linear: those rows show where that limit comes from.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastmm.backend import choose_backend
 from fastmm.bench.suites import Case, Provider, Target, register_suite
 
 ROWS = (1, 2, 8)
+BF16_ROWS = (2, 4, 8)
 # (N, K): hidden 512 (8 heads / 4 KV heads of 64, SwiGLU 1376), hidden 2048 (16 heads of 128, SwiGLU 5632)
 SHAPES = {
     "qkv 512": (1024, 512),
@@ -42,10 +45,15 @@ def linear_case(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
         x = torch.randn(M, K, generator=generator).to(device, dtype)
         weight = (torch.randn(N, K, generator=generator) * K**-0.5).to(device, dtype)
         backend = choose_backend("linear", device)
-        return [
+        found = [
             Provider("fastmm", lambda: fastmm.ops.linear(x, weight), backend=backend),
             Provider("torch", lambda: F.linear(x, weight)),
         ]
+        if backend == "native" and dtype == torch.bfloat16:  # the kernel whatever M: what the bf16 limit weighs
+            from fastmm.native.linear import skinny_linear
+
+            found.append(Provider("native_skinny", lambda: skinny_linear(x, weight, None), note="skinny kernel at any M"))
+        return found
 
     return Case(
         op="linear",
@@ -65,12 +73,15 @@ def linear_case(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     providers={
         "fastmm": "fastmm.ops.linear (the backend that ran is shown next to it)",
         "torch": "torch.nn.functional.linear on the same x and W",
+        "native_skinny": "bf16 on the native backend: fastmm.native.linear.skinny_linear called directly, the kernel "
+        "fastmm.ops.linear hands to F.linear above SKINNY_MAX_ROWS_BF16 rows (the rows that set that limit)",
     },
     targets=(Target("linear", {"M": 2, "N": 16384, "K": 512}, "speedup:torch", 2, "native"),),
 )
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    """Every shape at M = 1, 2, 8 in fp32 (and bf16 at M = 2), or one tiny shape (--quick)."""
+    """Every shape at M = 1, 2, 8 in fp32, at M = 2, 4, 8 in bf16 (around the native bf16 limit of 4 rows), or
+    one tiny shape (--quick)."""
     shapes = QUICK_SHAPES if quick else SHAPES
     found = [linear_case(M, N, K, torch.float32, device) for N, K in shapes.values() for M in ROWS]
-    found += [linear_case(2, N, K, torch.bfloat16, device) for N, K in shapes.values()]
+    found += [linear_case(M, N, K, torch.bfloat16, device) for N, K in shapes.values() for M in BF16_ROWS]
     return found
