@@ -23,9 +23,10 @@ from fastmm.native._shared import DTYPE_CODE
 # weight element) up to M = 64-128 (2048 x 2048: 3.1 vs 3.8 ms at M = 64, a tie at 128).
 SKINNY_MAX_ROWS = 16
 # bf16 is the exception: there F.linear is oneDNN's AVX512_BF16 GEMM, which catches up with the skinny kernel
-# (one weight row per pass, vdpbf16ps) at M = 8 and passes it beyond. Measured on the development host with
-# weights from DRAM, over the head and hidden-512 / 2048 projection shapes: the kernel is 2.0-2.6x F.linear at
-# M = 4, 0.7-1.7x at M = 8 (slower on the hidden-2048 shapes), 0.36-0.78x at M = 14.
+# (one weight row per pass, vdpbf16ps) around M = 4 and passes it at M = 8. `fastmm bench linear`, rows
+# `native_skinny` (2-thread AMD EPYC, 2026-11-23 17:55 UTC, decoder and head shapes at hidden 512 and 2048):
+# the kernel is 1.1-2.6x F.linear at M = 2, faster on 6 of 9 shapes at M = 4 (0.69-2.16x) and slower on 6 of
+# 9 at M = 8 (0.56-1.32x).
 SKINNY_MAX_ROWS_BF16 = 4
 
 
