@@ -17,11 +17,11 @@ Name mapping, transformers -> fastmm ({i} a layer index, * the rest of the name 
     lm_head                                                  lm_head (the token embeddings when tied)
     model.vision_model.embeddings.patch_embedding            vision.patch_embed
     model.vision_model.embeddings.position_embedding.weight  vision.position_embed
-    model.vision_model.encoder.layers.{i}.layer_norm1 / 2    vision.blocks.{i}.norm1 / norm2
+    model.vision_model.encoder.layers.{i}.layer_norm1 / 2    vision.blocks.{i}.norm1 / norm2         ([D] -> [1, D])
     model.vision_model.encoder.layers.{i}.self_attn.{q,k,v}_proj   vision.blocks.{i}.attn.{q,k,v}_proj
     model.vision_model.encoder.layers.{i}.self_attn.projection_layer  vision.blocks.{i}.attn.out_proj
     model.vision_model.encoder.layers.{i}.mlp.fc1 / fc2      vision.blocks.{i}.fc1 / fc2
-    model.vision_model.post_layernorm                        vision.post_norm
+    model.vision_model.post_layernorm                        vision.post_norm                        ([D] -> [1, D])
     model.aligner.*                                          vision.aligner.*
     model.generation_embeddings.weight                       gen_embed.weight
     model.generation_aligner.*                               gen_aligner.*
@@ -73,7 +73,11 @@ _FUSED = (
     (r"model\.language_model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", "decoder.layers.{0}.attn.qkv_proj.{2}", "qkv"),
     (r"model\.language_model\.layers\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)", "decoder.layers.{0}.mlp.gate_up_proj.{2}", ("gate", "up")),
 )  # fmt: skip
-_NORMS = re.compile(r"decoder\.(layers\.\d+\.(input_norm|post_attention_norm)|norm)\.weight")
+# Norms that are fastmm modality norms ([M, hidden] parameters, M = 1 here) over transformers' [hidden] ones.
+_NORMS = re.compile(
+    r"decoder\.(layers\.\d+\.(input_norm|post_attention_norm)|norm)\.weight"
+    r"|vision\.(blocks\.\d+\.norm[12]|post_norm)\.(weight|bias)"
+)
 
 
 def _require(condition: bool, message: str) -> None:

@@ -1,6 +1,7 @@
 """Continuous image input: a SigLIP-style ViT and the MLP aligner that maps its patch features into the
 decoder's embedding space (Janus's understanding path). Attention is bidirectional over the patches: one
-span_attention call with every query's key range the whole image."""
+span_attention call with every query's key range the whole image. LayerNorms are fastmm's modality_layer_norm
+with a single modality (the residual add before each block's MLP fused into its norm)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from fastmm import ops
 from fastmm.models.config import VisionConfig
+from fastmm.nn.norm import ModalityLayerNorm
 
 
 class AlignerMLP(nn.Module):
@@ -48,19 +50,25 @@ class VisionAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+def _layer_norm(config: VisionConfig) -> ModalityLayerNorm:
+    """fastmm's LayerNorm with one modality: the weight and bias are [1, hidden] (the loader adds the axis)."""
+    return ModalityLayerNorm(1, config.hidden_size, eps=config.layer_norm_eps)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         width = int(config.hidden_size * config.mlp_ratio)
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm1 = _layer_norm(config)
         self.attn = VisionAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = _layer_norm(config)
         self.fc1 = nn.Linear(config.hidden_size, width)
         self.fc2 = nn.Linear(width, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """x [B, N, C], modality [B, N] zeros; the residual add before norm2 fused into it."""
+        h, x = self.norm2(self.attn(self.norm1(x, modality)), modality, x)
+        return x + self.fc2(F.gelu(self.fc1(h)))
 
 
 class VisionEncoder(nn.Module):
@@ -72,7 +80,7 @@ class VisionEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
         self.position_embed = nn.Parameter(torch.zeros(config.num_patches, config.hidden_size))
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.num_layers))
-        self.post_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_norm = _layer_norm(config)
         self.aligner = AlignerMLP(config.hidden_size, config.aligner_width, config.aligner_depth)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -83,6 +91,7 @@ class VisionEncoder(nn.Module):
             )
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
         x = x + self.position_embed
+        modality = torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
         for block in self.blocks:
-            x = block(x)
-        return self.aligner(self.post_norm(x))
+            x = block(x, modality)
+        return self.aligner(self.post_norm(x, modality))
