@@ -125,6 +125,14 @@ inline f32x16 mask_lanes_from(f32x16 v, int64_t n) {
   return lane < static_cast<int32_t>(n) ? v : splat(-kInf);
 }
 
+// tanh(x) = 1 - 2 / (1 + e^(2x)), e^(2x) = 2^(2x log2(e)): exp2_lanes gives 0 far below 0 (tanh = -1) and inf
+// far above (tanh = 1). Absolute error about 1e-7 near 0, where the subtraction cancels.
+inline f32x16 tanh_lanes(f32x16 x) { return 1.f - 2.f / (1.f + exp2_lanes(x * (2.f * kLog2e))); }
+
+// Logit capping in log2 units: a score s = logit * log2(e) becomes cap * tanh(s / cap) with cap = softcap *
+// log2(e), which is softcap * tanh(logit / softcap) in log2 units.
+inline f32x16 softcap_lanes(f32x16 s, float cap) { return cap * tanh_lanes(s / cap); }
+
 // A running max of -inf (nothing attended yet) is used as 0 so that exp2(score - max) stays 0, not NaN.
 inline f32x16 finite_or_zero(f32x16 running_max) { return running_max == -kInf ? f32x16{} : running_max; }
 
@@ -216,30 +224,34 @@ struct QueryTile {
 };
 
 struct SpanArgs {
-  const void* q;           // [batch, q_heads, length, dim]
-  const void* k;           // [batch, kv_heads, length, dim]
-  const void* v;           // [batch, kv_heads, length, dim]
-  const int32_t* kv_start;  // [batch, length]
-  const int32_t* kv_end;    // [batch, length]
-  void* o;                 // [batch, q_heads, length, dim]
-  float* lse;              // [batch, q_heads, length]
-  int64_t batch, q_heads, kv_heads, length, dim;
+  const void* q;            // [batch, q_heads, num_queries, dim]
+  const void* k;            // [batch, kv_heads, num_keys, dim]
+  const void* v;            // [batch, kv_heads, num_keys, dim]
+  const int32_t* kv_start;  // [batch, num_queries]
+  const int32_t* kv_end;    // [batch, num_queries]
+  void* o;                  // [batch, q_heads, num_queries, dim]
+  float* lse;               // [batch, q_heads, num_queries]
+  int64_t batch, q_heads, kv_heads, num_queries, num_keys, dim;
   float scale;
+  Masking masking;
+
+  // Whether any key tile needs per-key work beyond the range test.
+  bool masks_keys() const { return masking.key_keep || masking.allowed || masking.bias; }
 };
 
 // Queries per tile and head: kTileRows shared by the group's heads, whole panels, at least one panel.
 int64_t queries_per_tile(int64_t group) { return std::max<int64_t>(1, kTileRows / group / kBlock) * kBlock; }
 
 std::vector<QueryTile> query_tiles(const SpanArgs& a, int64_t tile_queries) {
-  const int64_t tiles_per_row = ceil_div(a.length, tile_queries);
+  const int64_t tiles_per_row = ceil_div(a.num_queries, tile_queries);
   std::vector<QueryTile> tiles(a.batch * tiles_per_row);
   for (int64_t b = 0; b < a.batch; ++b) {
     for (int64_t t = 0; t < tiles_per_row; ++t) {
       QueryTile& tile = tiles[b * tiles_per_row + t];
       tile.begin = t * tile_queries;
-      tile.count = std::min(tile_queries, a.length - tile.begin);
-      const int32_t* start = a.kv_start + b * a.length + tile.begin;
-      const int32_t* end = a.kv_end + b * a.length + tile.begin;
+      tile.count = std::min(tile_queries, a.num_queries - tile.begin);
+      const int32_t* start = a.kv_start + b * a.num_queries + tile.begin;
+      const int32_t* end = a.kv_end + b * a.num_queries + tile.begin;
       tile.min_start = *std::min_element(start, start + tile.count);
       tile.max_start = *std::max_element(start, start + tile.count);
       tile.min_end = *std::min_element(end, end + tile.count);
@@ -261,11 +273,12 @@ struct SpanWorkspace {
   std::vector<i32x16> last_key;   // [panels]: kv_end
   std::vector<float> keys, values;  // [kKeyTile][dim]: fp32 copies of 16-bit K and V tiles
   std::vector<float> row;           // [dim]: one output row on its way out
+  std::vector<int64_t> pair_rows;   // [tile queries]: offset of each query's row in a [queries][keys] mask
 
-  SpanWorkspace(int64_t dim, int64_t panels)
+  SpanWorkspace(int64_t dim, int64_t panels, int64_t tile_queries)
       : queries(dim * panels), out(dim * panels), scores(kKeyTile * panels), row_max(panels),
         row_sum(panels), rescale(panels), first_key(panels), last_key(panels), keys(kKeyTile * dim),
-        values(kKeyTile * dim), row(dim) {}
+        values(kKeyTile * dim), row(dim), pair_rows(tile_queries) {}
 };
 
 // Rows [first, first + count) of a [length][dim] K or V head as fp32: the rows themselves for fp32, else a
@@ -294,7 +307,7 @@ class SpanItem {
 
   void run() {
     load_queries();
-    const int64_t head_offset = (b_ * a_.kv_heads + kv_head_) * a_.length * a_.dim;
+    const int64_t head_offset = (b_ * a_.kv_heads + kv_head_) * a_.num_keys * a_.dim;
     const T* k = static_cast<const T*>(a_.k) + head_offset;
     const T* v = static_cast<const T*>(a_.v) + head_offset;
     for (int64_t lo = tile_.min_start; lo < tile_.max_end; lo += kKeyTile) {
@@ -308,7 +321,7 @@ class SpanItem {
 
  private:
   int64_t query_row(int64_t g, int64_t query) const {
-    return (b_ * a_.q_heads + kv_head_ * group_ + g) * a_.length + tile_.begin + query;
+    return (b_ * a_.q_heads + kv_head_ * group_ + g) * a_.num_queries + tile_.begin + query;
   }
 
   // Qt for every panel, zero running statistics and output; lanes past the tile's queries hold zero queries
@@ -327,7 +340,8 @@ class SpanItem {
       ws_.last_key[p] = i32x16{};
       for (int64_t t = 0; t < lanes; ++t) {
         const int64_t query = chunk * kBlock + t;
-        const int64_t range = b_ * a_.length + tile_.begin + query;
+        const int64_t range = b_ * a_.num_queries + tile_.begin + query;
+        ws_.pair_rows[query] = range * a_.num_keys;
         ws_.first_key[p][t] = a_.kv_start[range];
         ws_.last_key[p][t] = a_.kv_end[range];
         const T* src = q + query_row(g, query) * a_.dim;
@@ -343,7 +357,7 @@ class SpanItem {
     f32x16* scores = ws_.scores.data();
     panel_product({keys, a_.dim, 1, ws_.queries.data(), panels_, scores, panels_, nullptr, count, panels_,
                    a_.dim});
-    const bool masked = !tile_.inside_every_range(lo, lo + count);
+    const bool masked = a_.masks_keys() || !tile_.inside_every_range(lo, lo + count);
     for (int64_t p = 0; p < panels_; ++p) softmax_panel(p, lo, count, masked);
     panel_product({values, 1, a_.dim, scores, panels_, ws_.out.data(), panels_, ws_.rescale.data(), a_.dim,
                    panels_, count});
@@ -356,10 +370,15 @@ class SpanItem {
     f32x16* scores = ws_.scores.data() + p;
     const int64_t stride = panels_;
     f32x16 new_max = ws_.row_max[p];
+    if (a_.masking.softcap > 0.f) {
+      const float cap = a_.masking.softcap * kLog2e;
+      for (int64_t j = 0; j < count; ++j) scores[j * stride] = softcap_lanes(scores[j * stride], cap);
+    }
     if (masked) {
       for (int64_t j = 0; j < count; ++j) {
         f32x16& s = scores[j * stride];
         s = mask_outside(s, static_cast<int32_t>(lo + j), ws_.first_key[p], ws_.last_key[p]);
+        if (a_.masks_keys()) s = mask_key(s, p, lo + j);
         new_max = max_lanes(s, new_max);
       }
     } else {
@@ -375,6 +394,23 @@ class SpanItem {
     ws_.rescale[p] = exp2_lanes(ws_.row_max[p] - shift);
     ws_.row_sum[p] = ws_.row_sum[p] * ws_.rescale[p] + sum;
     ws_.row_max[p] = new_max;
+  }
+
+  // Panel p's scores for key `key` under key_keep, the pair mask and the bias. A query's mask row is read one
+  // key at a time (16 gathers per key and panel): a few percent of the 2 x dim FMAs each key costs the panel.
+  f32x16 mask_key(f32x16 s, int64_t p, int64_t key) const {
+    const Masking& m = a_.masking;
+    if (m.key_keep && !m.key_keep[b_ * a_.num_keys + key]) return splat(-kInf);
+    if (!m.allowed && !m.bias) return s;
+    const int64_t chunk = p % chunks_;
+    const int64_t lanes = std::min<int64_t>(kBlock, tile_.count - chunk * kBlock);
+    const int64_t* rows = ws_.pair_rows.data() + chunk * kBlock;
+    for (int64_t t = 0; t < lanes; ++t) {
+      const int64_t pair = rows[t] + key;
+      if (m.bias) s[t] += m.bias[pair] * kLog2e;
+      if (m.allowed && !m.allowed[pair]) s[t] = -kInf;
+    }
+    return s;
   }
 
   // o = Ot / sum (0 for an empty range) and lse = (max + log2(sum)) * ln 2 (-inf for an empty range).
@@ -411,7 +447,7 @@ template <typename T>
 void span_attention(const SpanArgs& a, int num_threads) {
   const int64_t group = a.q_heads / a.kv_heads;
   const int64_t tile_queries = queries_per_tile(group);
-  const int64_t tiles_per_row = ceil_div(a.length, tile_queries);
+  const int64_t tiles_per_row = ceil_div(a.num_queries, tile_queries);
   const std::vector<QueryTile> tiles = query_tiles(a, tile_queries);
 
   const int64_t num_items = a.batch * a.kv_heads * tiles_per_row;  // item = (b * kv_heads + h) * tiles + t
@@ -426,7 +462,7 @@ void span_attention(const SpanArgs& a, int num_threads) {
   const int64_t max_panels = group * ceil_div(tile_queries, kBlock);
 #pragma omp parallel num_threads(team_size(num_items, num_threads))
   {
-    SpanWorkspace ws(a.dim, max_panels);
+    SpanWorkspace ws(a.dim, max_panels, tile_queries);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
       const int64_t item = order[i];
@@ -444,8 +480,10 @@ struct DecodeArgs {
   const void* v_cache;       // [batch, kv_heads, cache_size, dim]
   const int32_t* cache_len;  // [batch]
   void* o;                   // [batch, q_heads, num_queries, dim]
+  float* lse;                // [batch, q_heads, num_queries] or null
   int64_t batch, q_heads, kv_heads, num_queries, cache_size, dim;
   float scale;
+  Masking masking;  // key_keep unused
 
   // Query rows per kv head: its group's heads times the queries, consecutive in q and o.
   int64_t rows() const { return q_heads / kv_heads * num_queries; }
@@ -571,6 +609,7 @@ class DecodeItem {
         if (attended <= 0) continue;
         f32x16 scores[kStepBlocks];
         step_scores(q.data() + r * dim_blocks_, k + lo * a_.dim, attended, scores);
+        mask_scores(scores, attended, r % a_.num_queries, lo);
         update_row(scores, attended, v + lo * a_.dim, out + r * dim_blocks_, max[r], sum[r]);
       }
     }
@@ -609,13 +648,33 @@ class DecodeItem {
     }
   }
 
-  // Online softmax step of one query row over the scores of its first `count` keys (at least one).
+  // Softcap, bias and pair mask of the scores of query `query` against keys [lo, lo + count).
+  void mask_scores(f32x16 (&scores)[kStepBlocks], int64_t count, int64_t query, int64_t lo) const {
+    const Masking& m = a_.masking;
+    if (m.softcap == 0.f && !m.bias && !m.allowed) return;
+    const int64_t pairs = ((head_ / a_.kv_heads) * a_.num_queries + query) * a_.cache_size + lo;
+    for (int64_t b = 0; b * kBlock < count; ++b) {
+      const int64_t n = std::min(kBlock, count - b * kBlock);
+      f32x16& s = scores[b];
+      if (m.softcap > 0.f) s = softcap_lanes(s, m.softcap * kLog2e);
+      if (m.bias) s += load_block(m.bias + pairs + b * kBlock, n) * kLog2e;
+      if (m.allowed) {
+        const uint8_t* allowed = m.allowed + pairs + b * kBlock;
+        for (int64_t t = 0; t < n; ++t) s[t] = allowed[t] ? s[t] : -kInf;
+      }
+      s = mask_lanes_from(s, n);
+    }
+  }
+
+  // Online softmax step of one query row over the scores of its first `count` keys (at least one); a step
+  // whose keys are all masked, with nothing attended before it, changes nothing.
   void update_row(const f32x16 (&scores)[kStepBlocks], int64_t count, const T* values, f32x16* out, float& max,
                   float& sum) const {
     const int64_t blocks = ceil_div(count, kBlock);
     f32x16 step_max = scores[0];
     for (int64_t b = 1; b < blocks; ++b) step_max = max_lanes(scores[b], step_max);
     const float new_max = std::max(max, lane_max(step_max));
+    if (new_max == -kInf) return;
     float probs[kStepKeys];
     f32x16 step_sum = {};
     for (int64_t b = 0; b < blocks; ++b) {
@@ -659,6 +718,7 @@ void merge_splits(const DecodeArgs& a, const DecodePartials& parts) {
       for (int64_t c = 0; c < parts.dim_blocks; ++c) acc[c] += out[c] * weight;
     }
     const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+    if (a.lse) a.lse[x] = sum > 0.f ? (max + std::log2(sum)) * kLn2 : -kInf;
     T* dst = o + x * a.dim;
     const f32x16* merged = acc.data();
     for_each_block(a.dim, [=](int64_t c, auto n) { store_block(dst + c, merged[c / kBlock] * inv_sum, n); });
@@ -693,22 +753,29 @@ void check_sizes(const char* op, int64_t batch, int64_t q_heads, int64_t kv_head
 
 void span_attention_fwd(const void* q, const void* k, const void* v, const int32_t* kv_start,
                         const int32_t* kv_end, void* o, float* lse, int64_t batch, int64_t q_heads,
-                        int64_t kv_heads, int64_t length, int64_t head_dim, double scale, int dtype,
-                        int num_threads) {
-  check_sizes(__func__, batch, q_heads, kv_heads, length, head_dim, num_threads);
-  const SpanArgs args{q,       k,        v,      kv_start, kv_end,   o, lse, batch,
-                      q_heads, kv_heads, length, head_dim, static_cast<float>(scale)};
-  if (batch * q_heads * length == 0) return;
+                        int64_t kv_heads, int64_t num_queries, int64_t num_keys, int64_t head_dim, double scale,
+                        int dtype, int num_threads, const Masking& masking) {
+  check_sizes(__func__, batch, q_heads, kv_heads, num_keys, head_dim, num_threads);
+  FASTMM_CHECK(num_queries >= 0, __func__, "num_queries must be >= 0");
+  FASTMM_CHECK(masking.softcap >= 0.f, __func__, "softcap must be >= 0");
+  const SpanArgs args{q,           k,        v,        kv_start, kv_end,
+                      o,           lse,      batch,    q_heads,  kv_heads,
+                      num_queries, num_keys, head_dim, static_cast<float>(scale), masking};
+  if (batch * q_heads * num_queries == 0) return;
   dispatch_dtype(dtype, [&](auto tag) { span_attention<decltype(tag)>(args, num_threads); });
 }
 
 void decode_attention_fwd(const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_len,
                           void* o, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_queries,
-                          int64_t cache_size, int64_t head_dim, double scale, int dtype, int num_threads) {
+                          int64_t cache_size, int64_t head_dim, double scale, int dtype, int num_threads,
+                          const Masking& masking, float* lse) {
   check_sizes(__func__, batch, q_heads, kv_heads, cache_size, head_dim, num_threads);
   FASTMM_CHECK(num_queries >= 0, __func__, "num_queries must be >= 0");
-  const DecodeArgs args{q,       k_cache,  v_cache,     cache_len,  o,        batch,
-                        q_heads, kv_heads, num_queries, cache_size, head_dim, static_cast<float>(scale)};
+  FASTMM_CHECK(masking.softcap >= 0.f && !masking.key_keep, __func__,
+               "softcap must be >= 0, and key_keep folded into allowed");
+  const DecodeArgs args{q,        k_cache,     v_cache,    cache_len, o,
+                        lse,      batch,       q_heads,    kv_heads,  num_queries,
+                        cache_size, head_dim, static_cast<float>(scale), masking};
   if (batch * q_heads * num_queries == 0) return;
   dispatch_dtype(dtype, [&](auto tag) { decode_attention<decltype(tag)>(args, num_threads); });
 }

@@ -109,29 +109,37 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "span_attention_fwd",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kv_start, uintptr_t kv_end, uintptr_t o, uintptr_t lse,
-         int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length, int64_t head_dim, double scale, int dtype,
-         int num_threads) {
+         int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_queries, int64_t num_keys, int64_t head_dim,
+         double scale, int dtype, int num_threads, uintptr_t key_keep, uintptr_t allowed, uintptr_t bias,
+         double softcap) {
+        const fastmm::Masking masking{ptr<const uint8_t>(key_keep), ptr<const uint8_t>(allowed),
+                                      ptr<const float>(bias), static_cast<float>(softcap)};
         fastmm::span_attention_fwd(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
                                    ptr<const int32_t>(kv_start), ptr<const int32_t>(kv_end), ptr<void>(o),
-                                   ptr<float>(lse), batch, q_heads, kv_heads, length, head_dim, scale, dtype,
-                                   num_threads);
+                                   ptr<float>(lse), batch, q_heads, kv_heads, num_queries, num_keys, head_dim, scale,
+                                   dtype, num_threads, masking);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_start"), py::arg("kv_end"), py::arg("o"),
-      py::arg("lse"), py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("length"),
-      py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("num_threads"), Release());
+      py::arg("lse"), py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("num_queries"),
+      py::arg("num_keys"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("num_threads"),
+      py::arg("key_keep"), py::arg("allowed"), py::arg("bias"), py::arg("softcap"), Release());
 
   m.def(
       "decode_attention_fwd",
-      [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_len, uintptr_t o, int64_t batch,
-         int64_t q_heads, int64_t kv_heads, int64_t num_queries, int64_t cache_size, int64_t head_dim, double scale,
-         int dtype, int num_threads) {
+      [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_len, uintptr_t o, uintptr_t lse,
+         int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_queries, int64_t cache_size, int64_t head_dim,
+         double scale, int dtype, int num_threads, uintptr_t allowed, uintptr_t bias, double softcap) {
+        const fastmm::Masking masking{nullptr, ptr<const uint8_t>(allowed), ptr<const float>(bias),
+                                      static_cast<float>(softcap)};
         fastmm::decode_attention_fwd(ptr<const void>(q), ptr<const void>(k_cache), ptr<const void>(v_cache),
                                      ptr<const int32_t>(cache_len), ptr<void>(o), batch, q_heads, kv_heads,
-                                     num_queries, cache_size, head_dim, scale, dtype, num_threads);
+                                     num_queries, cache_size, head_dim, scale, dtype, num_threads, masking,
+                                     ptr<float>(lse));
       },
-      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_len"), py::arg("o"), py::arg("batch"),
-      py::arg("q_heads"), py::arg("kv_heads"), py::arg("num_queries"), py::arg("cache_size"), py::arg("head_dim"),
-      py::arg("scale"), py::arg("dtype"), py::arg("num_threads"), Release());
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_len"), py::arg("o"), py::arg("lse"),
+      py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("num_queries"), py::arg("cache_size"),
+      py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("num_threads"), py::arg("allowed"),
+      py::arg("bias"), py::arg("softcap"), Release());
 
   m.def(
       "cfg_sample",

@@ -195,10 +195,10 @@ BAD_INPUTS = [
     ("gqa", lambda q, k, v, r: fastmm.ops.span_attention(q, k.repeat(1, 2, 1, 1)[:, :3], v.repeat(1, 2, 1, 1)[:, :3]),
      ["Hq = 4", "Hkv = 3"]),
     ("range shape", lambda q, k, v, r: fastmm.ops.span_attention(q, k, v, r[0][:, :5], r[1][:, :5]),
-     ["kv_start", "[B, L]"]),
+     ["kv_start", "[B, Lq]"]),
     ("one range", lambda q, k, v, r: fastmm.ops.span_attention(q, k, v, r[0], None), ["kv_start and kv_end"]),
     ("inverted", lambda q, k, v, r: fastmm.ops.span_attention(q, k, v, r[1], r[0]), ["kv_end must be >= kv_start"]),
-    ("outside", lambda q, k, v, r: fastmm.ops.span_attention(q, k, v, r[0], r[1] + 1), ["[0, L = 9]"]),
+    ("outside", lambda q, k, v, r: fastmm.ops.span_attention(q, k, v, r[0], r[1] + 1), ["[0, S = 9]"]),
     ("dtype", lambda q, k, v, r: fastmm.ops.span_attention(q, k.double(), v), ["k", "float32"]),
     ("cache_len above S", lambda q, k, v, r: fastmm.ops.decode_attention(q[:, :, :1], k, v, torch.tensor([10, 9])),
      ["cache_len", "S = 9", "[9, 10]"]),
@@ -224,8 +224,8 @@ def test_attention_opcheck_and_compile(backend, device):
     cache_len = torch.tensor([12], dtype=torch.int32, device=device)
     with fastmm.use_backend(backend):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        torch.library.opcheck(torch.ops.fastmm.span_attention.default, (*leaves, kv_start, kv_end, 0.25))
-        torch.library.opcheck(torch.ops.fastmm.decode_attention.default, (q[:, :, -1:], k, v, cache_len, 0.25))
+        torch.library.opcheck(torch.ops.fastmm.span_attention.default, (*leaves, kv_start, kv_end, 0.25, None, None, 0.0))
+        torch.library.opcheck(torch.ops.fastmm.decode_attention.default, (q[:, :, -1:], k, v, cache_len, 0.25, None, 0.0))
         torch._dynamo.reset()
 
         def step(q, k, v, kv_start, kv_end, cache_len):

@@ -92,19 +92,29 @@ def key_ranges(
 
 @torch.library.custom_op("fastmm::span_attention", mutates_args=())
 def _span_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    scale: float,
+    key_keep: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels(_FAMILY, "span_attention", q.device).span_attention_fwd(q, k, v, kv_start, kv_end, scale)
+    module = kernels(_FAMILY, "span_attention", q.device)
+    return module.span_attention_fwd(q, k, v, kv_start, kv_end, scale, key_keep, mask, softcap)
 
 
 @_span_attention_op.register_fake
-def _(q, k, v, kv_start, kv_end, scale):
+def _(q, k, v, kv_start, kv_end, scale, key_keep, mask, softcap):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastmm::span_attention_backward", mutates_args=())
 def _span_attention_backward_op(
     do: torch.Tensor,
+    dlse: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -113,28 +123,35 @@ def _span_attention_backward_op(
     kv_start: torch.Tensor,
     kv_end: torch.Tensor,
     scale: float,
+    key_keep: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     module = kernels(_FAMILY, "span_attention", q.device)
     backward = getattr(module, "span_attention_bwd", reference.span_attention_bwd)
-    return backward(do, q, k, v, o, lse, kv_start, kv_end, scale)
+    return backward(do, q, k, v, o, lse, kv_start, kv_end, scale, key_keep, mask, softcap, dlse)
 
 
 @_span_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, kv_start, kv_end, scale):
+def _(do, dlse, q, k, v, o, lse, kv_start, kv_end, scale, key_keep, mask, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _span_attention_setup(ctx, inputs, output):
-    q, k, v, kv_start, kv_end, scale = inputs
+    q, k, v, kv_start, kv_end, scale, key_keep, mask, softcap = inputs
     o, lse = output
-    ctx.scale = scale
-    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end)
+    ctx.scale, ctx.softcap = scale, softcap
+    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, key_keep, mask)
 
 
-def _span_attention_backward(ctx, do, _dlse):
-    q, k, v, o, lse, kv_start, kv_end = ctx.saved_tensors
-    dq, dk, dv = _span_attention_backward_op(do.contiguous(), q, k, v, o, lse, kv_start, kv_end, ctx.scale)
-    return dq, dk, dv, None, None, None
+def _span_attention_backward(ctx, do, dlse):
+    q, k, v, o, lse, kv_start, kv_end, key_keep, mask = ctx.saved_tensors
+    if dlse is None:  # lse unused downstream
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = _span_attention_backward_op(
+        do.contiguous(), dlse.contiguous(), q, k, v, o, lse, kv_start, kv_end, ctx.scale, key_keep, mask, ctx.softcap
+    )
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _span_attention_op.register_autograd(_span_attention_backward, setup_context=_span_attention_setup)
@@ -161,23 +178,57 @@ def _check_qkv(op: str, q, k, v, key_name: str) -> None:
     val.check_same_device(op, "q", q, **{key_name: k, value_name: v})
 
 
-def _check_ranges(op: str, kv_start, kv_end, batch: int, length: int, device) -> None:
+def _check_ranges(op: str, kv_start, kv_end, batch: int, num_queries: int, num_keys: int, device) -> None:
     if (kv_start is None) != (kv_end is None):
         raise ValueError(f"{op}: give both kv_start and kv_end, or neither (causal)")
     for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
         val.check_tensor(op, name, t)
         val.check_ids(op, name, t)
-        val.check_shape(op, name, t, (batch, length), "[B, L]: one key range per query")
+        val.check_shape(op, name, t, (batch, num_queries), "[B, Lq]: one key range per query")
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}; expected one device")
     if kv_start.numel() == 0 or not val.values_checkable(kv_start):
         return
     lo, hi = int(kv_start.min()), int(kv_end.max())
-    if lo < 0 or hi > length:
-        raise ValueError(f"{op}: key ranges must lie in [0, L = {length}], got kv_start >= {lo}, kv_end <= {hi}")
+    if lo < 0 or hi > num_keys:
+        raise ValueError(
+            f"{op}: key ranges must lie in [0, S = {num_keys}], got kv_start >= {lo}, kv_end <= {hi}"
+        )
     inverted = int((kv_end < kv_start).sum())
     if inverted:
         raise ValueError(f"{op}: kv_end must be >= kv_start for every query, got {inverted} queries with kv_end < kv_start")
+
+
+def _check_masking(op: str, q, key_keep, mask, softcap, sinks, num_keys: int):
+    """Validates the optional masking arguments; returns (key_keep, mask, softcap) as the kernels take them:
+    contiguous bool key_keep, contiguous bool or float32 mask, softcap a float (0: none)."""
+    B, Hq, Lq, _ = q.shape
+    if key_keep is not None:
+        val.check_tensor(op, "key_keep", key_keep)
+        if key_keep.dtype != torch.bool:
+            raise TypeError(f"{op}: key_keep must be a bool tensor (True = key kept), got {key_keep.dtype}")
+        val.check_shape(op, "key_keep", key_keep, (B, num_keys), "[B, S]: one flag per key")
+        val.check_same_device(op, "q", q, key_keep=key_keep)
+        key_keep = key_keep.contiguous()
+    if mask is not None:
+        val.check_tensor(op, "mask", mask)
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise TypeError(f"{op}: mask must be bool (True = attend) or float (added to the logits), got {mask.dtype}")
+        val.check_shape(op, "mask", mask, (B, Lq, num_keys), "[B, Lq, S]: one entry per query and key")
+        val.check_same_device(op, "q", q, mask=mask)
+        if mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: mask requires grad, but no gradient flows to the mask; detach it")
+        mask = mask.contiguous() if mask.dtype == torch.bool else reference.floor_mask(mask).contiguous()
+    if softcap is None:
+        softcap = 0.0
+    elif not isinstance(softcap, (int, float)) or not softcap > 0 or softcap == float("inf"):
+        raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap!r}")
+    if sinks is not None:
+        val.check_tensor(op, "sinks", sinks)
+        val.check_float(op, "sinks", sinks)
+        val.check_shape(op, "sinks", sinks, (Hq,), "[Hq]: one sink logit per query head")
+        val.check_same_device(op, "q", q, sinks=sinks)
+    return key_keep, mask, float(softcap)
 
 
 def span_attention(
@@ -187,31 +238,48 @@ def span_attention(
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    key_keep: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention where query i sees keys kv_start[b, i] <= j < kv_end[b, i] (build them with key_ranges).
 
     Args:
-        q: [B, Hq, L, d]; k, v: [B, Hkv, L, d] with Hq a multiple of Hkv (GQA); fp32 / fp16 / bf16.
-        kv_start, kv_end: [B, L] integer key ranges; both None means plain causal.
+        q: [B, Hq, Lq, d]; k, v: [B, Hkv, S, d] with Hq a multiple of Hkv (GQA); fp32 / fp16 / bf16. Lq = S
+            for self-attention over a sequence; Lq < S for new tokens against a cache (ranges index the S keys).
+        kv_start, kv_end: [B, Lq] integer key ranges in [0, S]; both None means causal, the Lq queries being
+            the last Lq keys (query i sees keys j < S - Lq + i + 1).
         scale: softmax scale, default d ** -0.5.
+        key_keep: [B, S] bool, False drops key j for every query of row b (key padding).
+        mask: [B, Lq, S], bool (False drops the pair; any pattern) or float (added to the logits, like SDPA's
+            float attn_mask; values below -1e30 count as -1e30, see reference.attention.MASK_FLOOR). The kernels visit only the keys inside each query's range, so give the ranges of
+            the mask as well (their bounding range per query) to skip work.
+        softcap: logits become softcap * tanh(logit / softcap) before the mask is added (Gemma 2).
+        sinks: [Hq] float, one extra logit per query head in every softmax's denominator (gpt-oss's s_aux).
 
     Returns:
-        [B, Hq, L, d] in q's dtype; a query with an empty range gets zeros. Math in fp32.
+        [B, Hq, Lq, d] in q's dtype; a query that attends no key gets zeros. Math in fp32.
     """
     op = "span_attention"
     _check_qkv(op, q, k, v, "k")
     B, _, L, d = q.shape
-    if k.shape[2] != L:
-        raise ValueError(f"{op}: k must have q's length L = {L} (self-attention), got shape {tuple(k.shape)}")
+    S = k.shape[2]
+    if L > S:
+        raise ValueError(f"{op}: q has more queries (Lq = {L}) than k has keys (S = {S}); expected Lq <= S")
     if kv_start is None and kv_end is None:
-        kv_start, kv_end = reference.causal_ranges(B, L, L, q.device)  # valid by construction: nothing to check
+        kv_start, kv_end = reference.causal_ranges(B, L, S, q.device)  # valid by construction: nothing to check
     else:
-        _check_ranges(op, kv_start, kv_end, B, L, q.device)
+        _check_ranges(op, kv_start, kv_end, B, L, S, q.device)
+    key_keep, mask, softcap = _check_masking(op, q, key_keep, mask, softcap, sinks, S)
     scale = float(d**-0.5 if scale is None else scale)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), kv_start.int().contiguous(), kv_end.int().contiguous())
     if use_dispatcher(q, k, v):
-        return _span_attention_op(*args, scale)[0]
-    return kernels(_FAMILY, op, q.device).span_attention_fwd(*args, scale)[0]
+        o, lse = _span_attention_op(*args, scale, key_keep, mask, softcap)
+    else:
+        o, lse = kernels(_FAMILY, op, q.device).span_attention_fwd(*args, scale, key_keep, mask, softcap)
+    return o if sinks is None else reference.with_sinks(o, lse, sinks)
 
 
 # ----------------------------------------------------------------------------------- decode_attention
@@ -219,14 +287,21 @@ def span_attention(
 
 @torch.library.custom_op("fastmm::decode_attention", mutates_args=())
 def _decode_attention_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor, scale: float
-) -> torch.Tensor:
-    return kernels(_FAMILY, "decode_attention", q.device).decode_attention_fwd(q, k_cache, v_cache, cache_len, scale)
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    scale: float,
+    mask: Optional[torch.Tensor],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    module = kernels(_FAMILY, "decode_attention", q.device)
+    return module.decode_attention_fwd(q, k_cache, v_cache, cache_len, scale, mask, softcap)
 
 
 @_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_len, scale):
-    return torch.empty_like(q)
+def _(q, k_cache, v_cache, cache_len, scale, mask, softcap):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def decode_attention(
@@ -235,6 +310,10 @@ def decode_attention(
     v_cache: torch.Tensor,
     cache_len: torch.Tensor,
     scale: Optional[float] = None,
+    *,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The newest Lq tokens (already written into the cache) attend the valid part of a static KV cache.
 
@@ -245,9 +324,12 @@ def decode_attention(
             keys j < cache_len[b] - Lq + i + 1. Never read on the host for CUDA tensors (no sync per step,
             graph-capturable); checked on the CPU.
         scale: default d ** -0.5.
+        mask: [B, Lq, S], bool (False also drops the pair: key padding, left-padded prompts) or float (added
+            to the logits), on top of the cache-length rule.
+        softcap, sinks: as in span_attention.
 
     Returns:
-        [B, Hq, Lq, d] in q's dtype.
+        [B, Hq, Lq, d] in q's dtype (zeros for a query that attends no key).
     """
     op = "decode_attention"
     _check_qkv(op, q, k_cache, v_cache, "k_cache")
@@ -266,8 +348,11 @@ def decode_attention(
                 f"{op}: cache_len must be in [Lq = {Lq}, S = {S}] (the queries are the last Lq cached tokens), "
                 f"got values in [{lo}, {hi}]"
             )
+    _, mask, softcap = _check_masking(op, q, None, mask, softcap, sinks, S)
     scale = float(d**-0.5 if scale is None else scale)
     args = (q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_len.int().contiguous())
     if torch.compiler.is_compiling():
-        return _decode_attention_op(*args, scale)
-    return kernels(_FAMILY, op, q.device).decode_attention_fwd(*args, scale)
+        o, lse = _decode_attention_op(*args, scale, mask, softcap)
+    else:
+        o, lse = kernels(_FAMILY, op, q.device).decode_attention_fwd(*args, scale, mask, softcap)
+    return o if sinks is None else reference.with_sinks(o, lse, sinks)

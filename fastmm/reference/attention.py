@@ -107,6 +107,29 @@ def dense_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> t
     return ((j >= kv_start[..., None]) & (j < kv_end[..., None]))[:, None]
 
 
+# Additive (float) masks are floored here: a value below it counts as this value, -inf stays -inf. Kernels work in
+# log2 units, where transformers' finfo(float32).min would overflow to -inf and a row it masks entirely would
+# attend nothing; at the floor it averages every key, as SDPA does, while -inf still drops a key exactly.
+MASK_FLOOR = -1e30
+
+
+def floor_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A float mask as fp32 with every finite value below MASK_FLOOR raised to it (see there)."""
+    mask = mask.float()
+    return torch.where(mask == float("-inf"), mask, mask.clamp_min(MASK_FLOOR))
+
+
+def allowed_keys(kv_start, kv_end, num_keys, key_keep=None, mask=None) -> torch.Tensor:
+    """[B, 1, Lq, S] bool: the keys each query attends, the intersection of its range, the kept keys
+    (key_keep [B, S] bool) and a boolean mask [B, Lq, S]. A float mask is additive and masks nothing here."""
+    allowed = dense_mask(kv_start, kv_end, num_keys)
+    if key_keep is not None:
+        allowed = allowed & key_keep[:, None, None, :]
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask[:, None]
+    return allowed
+
+
 # ----------------------------------------------------------------------------------------- attention
 
 
@@ -115,24 +138,43 @@ def _expand_kv(t: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return t.repeat_interleave(num_q_heads // t.shape[1], dim=1)
 
 
-def masked_attention(q, k, v, mask, scale):
-    """Dense attention in fp32 under a boolean mask [B, 1, Lq, S]. Returns (o fp32, lse fp32 [B, Hq, Lq])."""
-    qf, kf, vf = q.float(), _expand_kv(k.float(), q.shape[1]), _expand_kv(v.float(), q.shape[1])
-    scores = (qf @ kf.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
-    probs = probs.masked_fill(~mask, 0.0)
-    return probs @ vf, lse
+def attention_scores(q, k, scale, softcap=0.0, mask=None) -> torch.Tensor:
+    """fp32 [B, Hq, Lq, S] logits: q k^T * scale, then softcap * tanh(s / softcap) when softcap > 0 (Gemma 2),
+    then + mask when the mask is additive (float [B, Lq, S])."""
+    scores = (q.float() @ _expand_kv(k.float(), q.shape[1]).transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask[:, None].float()
+    return scores
 
 
-def span_attention(q, k, v, kv_start=None, kv_end=None, scale=None):
+def masked_attention(q, k, v, mask, scale, softcap=0.0, bias=None):
+    """Dense attention in fp32 under a boolean mask [B, 1, Lq, S] (and an additive float bias [B, Lq, S]).
+    Returns (o fp32, lse fp32 [B, Hq, Lq]); a query that attends nothing gets o = 0 and lse = -inf."""
+    scores = attention_scores(q, k, scale, softcap, bias).masked_fill(~mask, float("-inf"))
+    probs = _softmax(scores, mask)
+    return probs @ _expand_kv(v.float(), q.shape[1]), torch.logsumexp(scores, dim=-1)
+
+
+def _softmax(scores, mask):
+    """Softmax over the allowed keys, 0 on a row that allows none. Normalized by the row's sum rather than
+    exp(score - lse): on a row whose logits all sit at MASK_FLOOR, lse loses log(count) to rounding."""
+    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    weights = torch.exp(scores - row_max).masked_fill(~mask, 0.0)
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def span_attention(q, k, v, kv_start=None, kv_end=None, scale=None, key_keep=None, mask=None, softcap=0.0):
     """Spec of fastmm.ops.span_attention: softmax(q k^T * scale + mask) v in fp32, output in q's dtype.
-    No ranges: causal."""
+    No ranges: causal, the Lq queries being the last Lq of the S keys."""
     B, _, L, d = q.shape
     if kv_start is None:
-        kv_start, kv_end = causal_ranges(B, L, L, q.device)
-    return span_attention_fwd(q, k, v, kv_start, kv_end, d**-0.5 if scale is None else scale)[0]
+        kv_start, kv_end = causal_ranges(B, L, k.shape[2], q.device)
+    scale = d**-0.5 if scale is None else scale
+    mask = mask if mask is None or mask.dtype == torch.bool else floor_mask(mask)
+    return span_attention_fwd(q, k, v, kv_start, kv_end, scale, key_keep, mask, softcap)[0]
 
 
 def decode_mask(cache_len: torch.Tensor, num_queries: int, cache_size: int) -> torch.Tensor:
@@ -143,50 +185,91 @@ def decode_mask(cache_len: torch.Tensor, num_queries: int, cache_size: int) -> t
     return dense_mask(torch.zeros_like(kv_end), kv_end, cache_size)
 
 
-def decode_attention(q, k_cache, v_cache, cache_len, scale=None):
+def decode_attention(q, k_cache, v_cache, cache_len, scale=None, mask=None, softcap=0.0):
     """Spec of fastmm.ops.decode_attention: q [B, Hq, Lq, d] against the first cache_len[b] entries of the
-    caches [B, Hkv, S, d], the Lq queries being the last Lq cached tokens (causal among themselves)."""
+    caches [B, Hkv, S, d], the Lq queries being the last Lq cached tokens (causal among themselves), further
+    restricted by a boolean mask or biased by a float mask [B, Lq, S]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return decode_attention_fwd(q, k_cache, v_cache, cache_len, scale)
+    mask = mask if mask is None or mask.dtype == torch.bool else floor_mask(mask)
+    return decode_attention_fwd(q, k_cache, v_cache, cache_len, scale, mask, softcap)[0]
+
+
+def with_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention sinks (gpt-oss): one extra logit per query head in every softmax's denominator and no value.
+    softmax over [scores, sink] then dropping the sink column scales the sink-free output by
+    sum / (sum + e^sink) = sigmoid(lse - sink). o [B, Hq, Lq, d], lse fp32 [B, Hq, Lq], sinks [Hq]."""
+    weight = torch.sigmoid(lse - sinks.float()[None, :, None])
+    return (o.float() * weight[..., None]).to(o.dtype)
+
+
+def attention_weights(q, k, kv_start, kv_end, scale, key_keep=None, mask=None, softcap=0.0, sinks=None):
+    """The probabilities [B, Hq, Lq, S] (q's dtype) that span_attention_fwd averages the values with, as
+    transformers' eager attention returns them (sinks take their share of each row and are dropped)."""
+    allowed = allowed_keys(kv_start, kv_end, k.shape[2], key_keep, mask)
+    scores = attention_scores(q, k, scale, softcap, mask).masked_fill(~allowed, float("-inf"))
+    allowed = allowed.expand(scores.shape)
+    if sinks is not None:
+        sink = sinks.float()[None, :, None, None].expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+        allowed = torch.cat([allowed, torch.ones_like(allowed[..., :1])], dim=-1)
+    return _softmax(scores, allowed)[..., : k.shape[2]].to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------- kernel interface
 #
-# Tensors arrive validated and contiguous: q [B, Hq, L, d]; k, v [B, Hkv, L, d] (Hq a multiple of Hkv);
-# kv_start, kv_end [B, L] int32 with 0 <= kv_start <= kv_end <= L; scale a float; cache_len [B] int32 with
-# Lq <= cache_len <= S.
+# Tensors arrive validated and contiguous: q [B, Hq, Lq, d]; k, v [B, Hkv, S, d] (Hq a multiple of Hkv);
+# kv_start, kv_end [B, Lq] int32 with 0 <= kv_start <= kv_end <= S; scale a float; cache_len [B] int32 with
+# Lq <= cache_len <= S. Optional: key_keep [B, S] bool (False drops key j for every query of row b); mask
+# [B, Lq, S], bool (False drops the pair) or float32 (added to the logits); softcap >= 0 (0: none). Query i
+# attends key j iff kv_start <= j < kv_end, key_keep[j] and (a bool) mask[i, j]; its logit is
+# s = q.k * scale, then softcap * tanh(s / softcap), then + mask[i, j] (a float mask, floored: see MASK_FLOOR).
 
 
-def span_attention_fwd(q, k, v, kv_start, kv_end, scale):
-    """Returns (o [B, Hq, L, d] in q's dtype, lse [B, Hq, L] fp32: log-sum-exp of the scaled scores of each
-    query over its key range, -inf for an empty range)."""
-    out, lse = masked_attention(q, k, v, dense_mask(kv_start, kv_end, k.shape[2]), scale)
+def span_attention_fwd(q, k, v, kv_start, kv_end, scale, key_keep=None, mask=None, softcap=0.0):
+    """Returns (o [B, Hq, Lq, d] in q's dtype, lse [B, Hq, Lq] fp32: log-sum-exp of the logits of each
+    query over the keys it attends, -inf when it attends none, and then o = 0)."""
+    allowed = allowed_keys(kv_start, kv_end, k.shape[2], key_keep, mask)
+    out, lse = masked_attention(q, k, v, allowed, scale, softcap, mask)
     return out.to(q.dtype), lse
 
 
-def span_attention_bwd(do, q, k, v, o, lse, kv_start, kv_end, scale):
-    """Gradients of span_attention_fwd, recomputing the probabilities densely from lse (O(L^2) memory per
-    head). Returns (dq, dk, dv) in the inputs' dtypes; dk, dv summed over the query heads of each kv head."""
-    mask = dense_mask(kv_start, kv_end, k.shape[2])
+def span_attention_bwd(do, q, k, v, o, lse, kv_start, kv_end, scale, key_keep=None, mask=None, softcap=0.0,
+                       dlse=None):  # fmt: skip
+    """Gradients of span_attention_fwd, recomputing the probabilities densely (O(L^2) memory per head; lse
+    is part of the interface for kernels that recompute from it). dlse [B, Hq, Lq] fp32 is the gradient reaching lse (sinks use lse), None for zero. Returns
+    (dq, dk, dv) in the inputs' dtypes; dk, dv summed over the query heads of each kv head."""
+    allowed = allowed_keys(kv_start, kv_end, k.shape[2], key_keep, mask)
     Hq, Hkv = q.shape[1], k.shape[1]
     qf, kf, vf = q.float(), _expand_kv(k.float(), Hq), _expand_kv(v.float(), Hq)
-    scores = (qf @ kf.transpose(-1, -2)) * scale
-    probs = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min)).masked_fill(~mask, 0.0)
+    raw = (qf @ kf.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(raw / softcap) if softcap else raw
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask[:, None].float()
+    probs = _softmax(scores.masked_fill(~allowed, float("-inf")), allowed)
     dof = do.float()
     dv = probs.transpose(-1, -2) @ dof
     dprobs = dof @ vf.transpose(-1, -2)
+    # d lse / d s = p, so a gradient on lse shifts every row's delta (the softmax's row term) by -dlse
     delta = (dof * o.float()).sum(dim=-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.float()[..., None]
     dscores = probs * (dprobs - delta)
+    if softcap:  # d/ds of softcap * tanh(s / softcap) = 1 - tanh^2
+        dscores = dscores * (1 - torch.tanh(raw / softcap) ** 2)
     dq = (dscores @ kf) * scale
     dk = (dscores.transpose(-1, -2) @ qf) * scale
 
-    def per_kv_head(t):  # [B, Hq, L, d] -> [B, Hkv, L, d], summing each kv head's group of query heads
+    def per_kv_head(t):  # [B, Hq, S, d] -> [B, Hkv, S, d], summing each kv head's group of query heads
         return t.view(t.shape[0], Hkv, Hq // Hkv, *t.shape[2:]).sum(dim=2)
 
     return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
 
 
-def decode_attention_fwd(q, k_cache, v_cache, cache_len, scale):
-    """q [B, Hq, Lq, d]; caches [B, Hkv, S, d]; cache_len [B] int32. Returns o [B, Hq, Lq, d] in q's dtype."""
-    mask = decode_mask(cache_len, q.shape[2], k_cache.shape[2])
-    return masked_attention(q, k_cache, v_cache, mask, scale)[0].to(q.dtype)
+def decode_attention_fwd(q, k_cache, v_cache, cache_len, scale, mask=None, softcap=0.0):
+    """q [B, Hq, Lq, d]; caches [B, Hkv, S, d]; cache_len [B] int32; mask [B, Lq, S] bool / float32 or None.
+    Returns (o [B, Hq, Lq, d] in q's dtype, lse [B, Hq, Lq] fp32) as span_attention_fwd does."""
+    allowed = decode_mask(cache_len, q.shape[2], k_cache.shape[2])
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask[:, None]
+    out, lse = masked_attention(q, k_cache, v_cache, allowed, scale, softcap, mask)
+    return out.to(q.dtype), lse

@@ -340,6 +340,9 @@ def span_attention_fwd(
     kv_start: torch.Tensor,
     kv_end: torch.Tensor,
     scale: float,
+    key_keep: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query i over keys kv_start[b, i] <= j < kv_end[b, i]. q [B, Hq, L, d]; k, v [B, Hkv, L, d];
     kv_start, kv_end [B, L] int32.
@@ -347,8 +350,8 @@ def span_attention_fwd(
     Returns (o [B, Hq, L, d] in q's dtype, lse [B, Hq, L] fp32), with o = 0 and lse = -inf for an empty range.
     """
     B, Hq, L, d = q.shape
-    if _too_wide("span_attention", d):
-        return reference.span_attention_fwd(q, k, v, kv_start, kv_end, scale)
+    if _too_wide("span_attention", d) or k.shape[2] != L or key_keep is not None or mask is not None or softcap:
+        return reference.span_attention_fwd(q, k, v, kv_start, kv_end, scale, key_keep, mask, softcap)
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     if o.numel() == 0:
@@ -605,6 +608,10 @@ def span_attention_bwd(
     kv_start: torch.Tensor,
     kv_end: torch.Tensor,
     scale: float,
+    key_keep: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``span_attention_fwd``. do, o [B, Hq, L, d]; lse [B, Hq, L] fp32 from the forward.
 
@@ -614,8 +621,8 @@ def span_attention_bwd(
     """
     B, Hq, L, d = q.shape
     Hkv = k.shape[1]
-    if _too_wide("span_attention", d):
-        return reference.span_attention_bwd(do, q, k, v, o, lse, kv_start, kv_end, scale)
+    if _too_wide("span_attention", d) or k.shape[2] != L or key_keep is not None or mask is not None or softcap or dlse is not None:
+        return reference.span_attention_bwd(do, q, k, v, o, lse, kv_start, kv_end, scale, key_keep, mask, softcap, dlse)
     dq = torch.empty_like(q)
     if q.numel() == 0:  # no query heads (Hq = 0) leave k and v without gradient: zeros
         return dq, torch.zeros_like(k), torch.zeros_like(v)
@@ -770,7 +777,9 @@ def decode_attention_fwd(
     v_cache: torch.Tensor,
     cache_len: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
+    mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The last Lq cached tokens attend the cache. q [B, Hq, Lq, d]; caches [B, Hkv, S, d]; cache_len [B]
     int32 with Lq <= cache_len <= S (read on the device only). Query i attends keys j < cache_len - Lq + i + 1.
 
@@ -778,11 +787,11 @@ def decode_attention_fwd(
     """
     B, Hq, Lq, d = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    if _too_wide("decode_attention", d):
-        return reference.decode_attention_fwd(q, k_cache, v_cache, cache_len, scale)
+    if _too_wide("decode_attention", d) or mask is not None or softcap:
+        return reference.decode_attention_fwd(q, k_cache, v_cache, cache_len, scale, mask, softcap)
     o = torch.empty_like(q)
     if o.numel() == 0:
-        return o
+        return o, torch.full((B, Hq, Lq), float("-inf"), device=q.device)
     block_d = _block_d(d)
     launch = _DECODE_LAUNCH[q.element_size(), block_d]
     num_splits, split_size = _decode_splits(B * Hkv, S, launch.block_n, q.device)
@@ -803,7 +812,7 @@ def decode_attention_fwd(
         o_part, lse_part, o, o_part.stride(2), o_part.stride(3), lse_part.stride(2), o.stride(2), num_splits, d,
         BLOCK_D=_MERGE_BLOCK_D, num_warps=_MERGE_WARPS, num_stages=1,
     )  # fmt: skip
-    return o
+    return o, torch.logsumexp(lse_part, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
