@@ -8,7 +8,8 @@
 
 from fastmm import nn, ops, runtime
 from fastmm.backend import use_backend
+from fastmm.profiling import profile
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "runtime", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "runtime", "use_backend", "profile", "__version__"]

@@ -1,10 +1,12 @@
-"""The `fastmm` command: info | bench | kernels | generate.
+"""The `fastmm` command: info | bench | kernels | generate | profile.
 
     fastmm info [--no-roofline] [--json PATH]      versions, devices, backends, telemetry, CPU roofline
     fastmm bench SUITE|all [--out DIR] [--json PATH] [--quick] [--device auto|cpu|cuda]
     fastmm kernels [--aot] [--json PATH]           registered Triton kernels; --aot compiles them for sm_80/90
     fastmm generate --model PATH --prompt-ids 1,2,3 --out image.png    Janus-recipe image generation
     fastmm generate --demo                         the same on a small random-weight model (no weights needed)
+    fastmm profile --model PATH | --demo [--trace trace.json] [--png profile.png] [--json PATH]
+                                                   stage times, per-token latency, memory, NVML telemetry
 
 Human output goes to stdout as rich tables, progress and warnings to stderr, and ``--json PATH`` writes the
 same content for machines. Also runs as ``python -m fastmm.cli``.
@@ -293,6 +295,64 @@ def generate(
     }
     _print_records("fastmm generate", [summary])
     _write_json(json_path, summary)
+
+
+@app.command()
+def profile(
+    model_path: Optional[pathlib.Path] = typer.Option(None, "--model", help="A transformers Janus checkpoint directory."),
+    demo: bool = typer.Option(False, "--demo", help="A random-weight model and a random image: no checkpoint needed."),
+    preset: str = typer.Option("tiny", "--preset", help="With --demo: tiny, small or 1b (random weights)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Comma-separated image prompt ids (default: BOS, 4 ids, BOI)."),
+    image: Optional[pathlib.Path] = typer.Option(None, "--image", help="Image for the vision encoder (--demo: random).", dir_okay=False),
+    text_tokens: int = typer.Option(0, "--text-tokens", help="Also answer a text prompt (with the image) in this many greedy tokens."),
+    cfg_scale: float = typer.Option(5.0, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
+    seed: int = typer.Option(0, "--seed"),
+    num_images: int = typer.Option(1, "--num-images"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Replay the decode step as a CUDA graph."),
+    warmup: int = typer.Option(1, "--warmup", help="Unreported runs before the measured one."),
+    trace: Optional[pathlib.Path] = typer.Option(None, "--trace", help="Write a torch.profiler Chrome trace of one more run.", dir_okay=False),
+    trace_tokens: int = typer.Option(64, "--trace-tokens", help="Image tokens of the traced run (0: all)."),
+    png: pathlib.Path = typer.Option(pathlib.Path("profile.png"), "--png", help="Plot of per-token latency and stages.", dir_okay=False),
+    telemetry_interval_ms: float = typer.Option(50.0, "--telemetry-interval-ms", help="NVML sampling period."),
+    json_path: Optional[pathlib.Path] = JsonOption,
+) -> None:
+    """Profile one image generation (and optionally a text answer): stage times, time to first token, per-token
+    latency p50 / p90 / p99, tokens/s, peak memory, NVML power / clocks / energy; optional Chrome trace."""
+    from fastmm.models import presets
+    from fastmm.profiling import demo_model
+    from fastmm.profiling import profile as run_profile
+    from fastmm.profiling.report import tables
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    target = _target_device(device)
+    if demo == (model_path is not None):
+        raise typer.BadParameter("give either --model PATH or --demo", param_hint="--model")
+    if demo:
+        if preset not in presets.PRESETS:
+            raise typer.BadParameter(f"expected one of {presets.PRESETS}, got {preset!r}", param_hint="--preset")
+        model, name = demo_model(preset, _DTYPES[dtype], target), f"demo '{preset}' (random weights)"
+    else:
+        model, name = model_path, str(model_path)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("loading", total=None)
+        report = run_profile(
+            model, _parse_ids(prompt_ids) if prompt_ids else None, image if image is not None else ("random" if demo else None),
+            text_tokens=text_tokens, cfg_scale=cfg_scale, temperature=temperature, seed=seed, num_images=num_images,
+            warmup=warmup, use_cuda_graph=cuda_graph, trace=trace, trace_tokens=trace_tokens or None, png=png, json_path=json_path,
+            telemetry_interval_s=telemetry_interval_ms / 1e3, dtype=_DTYPES[dtype], device=target, name=name,
+            progress=lambda what, done, total: progress.update(task, description=what, completed=done, total=total),
+        )  # fmt: skip
+    for title, headers, body in tables(report):
+        _print_table(f"fastmm profile: {title}", headers, body)
+    for path in (report.trace, report.png, json_path):
+        if path is not None:
+            err.print(f"wrote {path}", markup=False)
 
 
 def main() -> None:

@@ -140,7 +140,11 @@ class DecodeLayerRunner:
         threads, attention_threads = torch.get_num_threads(), threads_for(self._attention_work)
         x_ptr, residual_ptr, ids_ptr = x.data_ptr(), 0, ids.data_ptr()  # layer 0: no residual yet
         for args in self._layer_args:
-            _C.decode_layer(x_ptr, residual_ptr, ids_ptr, *args, threads, attention_threads)
+            if torch._C._autograd._profiler_enabled():  # named in torch.profiler traces (fastmm profile --trace)
+                with torch.profiler.record_function("fastmm::decode_layer"):
+                    _C.decode_layer(x_ptr, residual_ptr, ids_ptr, *args, threads, attention_threads)
+            else:
+                _C.decode_layer(x_ptr, residual_ptr, ids_ptr, *args, threads, attention_threads)
             x_ptr, residual_ptr = self._out_ptrs  # the next layer reads and overwrites them in place
         return self._x, self._residual
 
