@@ -75,21 +75,6 @@ def _yes_no(available: bool, reason: str) -> str:
     return ("yes" if available else "no") + ("" if reason == "ok" else f" ({reason})")
 
 
-def _telemetry_status() -> tuple[bool, str]:
-    """Whether NVML (GPU clocks, power, memory) can be read: the package, the driver library, a device."""
-    try:
-        import pynvml
-    except ImportError:
-        return False, "nvidia-ml-py not installed"
-    try:
-        pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-        pynvml.nvmlShutdown()
-    except pynvml.NVMLError as exc:
-        return False, f"nvmlInit failed: {exc}"
-    return True, f"{count} device(s)"
-
-
 @app.command()
 def info(
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure the CPU roofline (a few seconds)."),
@@ -99,6 +84,7 @@ def info(
     from fastmm.backend import BACKENDS, backend_status
     from fastmm.bench import environment
     from fastmm.bench.roofline import cpu_model, cpu_peaks
+    from fastmm.profiling.telemetry import nvml_status
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     payload: dict[str, Any] = {
@@ -106,7 +92,7 @@ def info(
         "cpu": cpu_model(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA",
         "torch_threads": torch.get_num_threads(),
-        "telemetry": _availability(*_telemetry_status()),
+        "telemetry": _availability(*nvml_status()),
         "backends": {name: {d.type: _availability(*backend_status(name, d)) for d in devices} for name in BACKENDS},
     }
     _print_table("versions", ["package", "version"], [list(item) for item in payload["versions"].items()])
@@ -259,10 +245,7 @@ def generate(
     if demo:
         if preset not in presets.PRESETS:
             raise typer.BadParameter(f"expected one of {presets.PRESETS}, got {preset!r}", param_hint="--preset")
-        torch.manual_seed(0)
-        with torch.device(target):
-            model = UnifiedModel(presets.demo_config(preset)).to(_DTYPES[dtype]).eval()
-        model.refresh_generation_table()
+        model = presets.demo_model(preset, _DTYPES[dtype], target)
         ids = _parse_ids(prompt_ids) if prompt_ids else [presets.BOS, 10, 11, 12, 13, presets.BOI]
         err.print(f"demo: random-weight '{preset}' model; the picture will be noise from random weights", markup=False)
     else:
@@ -322,7 +305,6 @@ def profile(
     """Profile one image generation (and optionally a text answer): stage times, time to first token, per-token
     latency p50 / p90 / p99, tokens/s, peak memory, NVML power / clocks / energy; optional Chrome trace."""
     from fastmm.models import presets
-    from fastmm.profiling import demo_model
     from fastmm.profiling import profile as run_profile
     from fastmm.profiling.report import tables
 
@@ -334,7 +316,7 @@ def profile(
     if demo:
         if preset not in presets.PRESETS:
             raise typer.BadParameter(f"expected one of {presets.PRESETS}, got {preset!r}", param_hint="--preset")
-        model, name = demo_model(preset, _DTYPES[dtype], target), f"demo '{preset}' (random weights)"
+        model, name = presets.demo_model(preset, _DTYPES[dtype], target), f"demo '{preset}' (random weights)"
     else:
         model, name = model_path, str(model_path)
 

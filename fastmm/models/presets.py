@@ -74,3 +74,19 @@ def demo_config(preset: str = "tiny"):
     config = {"model_type": "janus", "architectures": [ARCHITECTURE], **janus_config_dict(preset)}
     generation = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "generation_kwargs": {"boi_token_id": BOI}}
     return config_from_janus(config, generation)
+
+
+def demo_model(preset: str = "tiny", dtype=None, device="cpu"):
+    """A random-weight UnifiedModel of ``preset`` (tiny, small, 1b), seeded, in eval mode, no checkpoint
+    (``fastmm generate --demo``, ``fastmm profile --demo``). dtype defaults to float32."""
+    import torch
+
+    from fastmm.models.unified import UnifiedModel
+
+    if preset not in PRESETS:
+        raise ValueError(f"demo_model: preset must be one of {PRESETS}, got {preset!r}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = UnifiedModel(demo_config(preset)).to(dtype or torch.float32).eval()
+    model.refresh_generation_table()
+    return model

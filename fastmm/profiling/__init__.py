@@ -5,10 +5,10 @@
 
 Layout: run (``profile``: the runs and the report), stages (stage and per-token timing on the device's
 clock), memory (peak), telemetry (NVML on a background thread), trace (torch.profiler Chrome trace), nvtx
-(Nsight ranges), inputs (demo model, image, default prompts), report (schema, JSON, tables), plot (PNG).
+(Nsight ranges), inputs (image, default prompts); demo_model is fastmm.models.presets', report (schema, JSON, tables), plot (PNG).
 """
 
-from fastmm.profiling.inputs import demo_model
+from fastmm.models.presets import demo_model
 from fastmm.profiling.report import ProfileReport
 from fastmm.profiling.run import profile
 

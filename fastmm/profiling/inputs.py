@@ -1,4 +1,4 @@
-"""What a profiled run feeds the model: the demo model, the image for the vision encoder, default prompts."""
+"""What a profiled run feeds the model: the image for the vision encoder, default prompts."""
 
 from __future__ import annotations
 
@@ -7,20 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastmm.models import UnifiedModel, presets
+from fastmm.models import UnifiedModel
 
 PROMPT_TEXT = (10, 11, 12, 13)  # ids between the special tokens of a default prompt
-
-
-def demo_model(preset: str = "tiny", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> UnifiedModel:
-    """A random-weight UnifiedModel of a fastmm.models.presets preset (tiny, small, 1b), seeded: no checkpoint."""
-    if preset not in presets.PRESETS:
-        raise ValueError(f"demo_model: preset must be one of {presets.PRESETS}, got {preset!r}")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = UnifiedModel(presets.demo_config(preset)).to(dtype).eval()
-    model.refresh_generation_table()
-    return model
 
 
 def image_prompt(model: UnifiedModel) -> list[int]:
