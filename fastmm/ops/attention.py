@@ -187,13 +187,16 @@ def _check_ranges(op: str, kv_start, kv_end, batch: int, num_queries: int, num_k
         val.check_shape(op, name, t, (batch, num_queries), "[B, Lq]: one key range per query")
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}; expected one device")
-    if kv_start.numel() == 0 or not val.values_checkable(kv_start):
+    mode = val.value_check_mode(kv_start) if kv_start.numel() else None
+    inside = f"{op}: key ranges must lie in [0, S = {num_keys}] with kv_start <= kv_end"
+    if mode == "device":
+        start, end = kv_start.long(), kv_end.long()
+        val.assert_on_device((start >= 0) & (end <= num_keys) & (start <= end), inside)
+    if mode != "host":
         return
     lo, hi = int(kv_start.min()), int(kv_end.max())
     if lo < 0 or hi > num_keys:
-        raise ValueError(
-            f"{op}: key ranges must lie in [0, S = {num_keys}], got kv_start >= {lo}, kv_end <= {hi}"
-        )
+        raise ValueError(f"{inside}, got kv_start >= {lo}, kv_end <= {hi}")
     inverted = int((kv_end < kv_start).sum())
     if inverted:
         raise ValueError(f"{op}: kv_end must be >= kv_start for every query, got {inverted} queries with kv_end < kv_start")

@@ -8,7 +8,8 @@ to one kernel, argmin_k (codebook_sq[k] - 2 z.codes[k]) (see fastmm.reference.vq
 ``vq_quantize`` validates, views z as rows [B, S, D] without copying (a channels-first map is read through
 its strides), and calls the chosen backend's ``nearest_code`` directly in eager inference, or the custom op
 ``fastmm::vq_nearest_code`` under torch.compile. Indices carry no gradient; ``quantized`` is straight-through
-for z.
+for z. The codebook's finiteness and vq_embed's index range are checked at every eager call: on the host for
+CPU tensors, by a device-side assert without a host sync on CUDA (fastmm.ops._validate).
 """
 
 from __future__ import annotations

@@ -217,6 +217,31 @@ def generate_image(
     )
 
 
+class _AllFinished:
+    """generate_text's stop test, "has every row produced EOS?", read without draining the GPU's queue.
+
+    On CPU poll() reads this step's flag. On CUDA it copies this step's flag into pinned host memory without a
+    sync and returns the previous step's, waiting only until the GPU has finished that step's sampling (the
+    decoder pass and the sampling queued since keep it busy): the loop learns one step late and drops that
+    step's tokens, so the result is the same."""
+
+    def __init__(self, device: torch.device):
+        self.late = device.type == "cuda"
+        if self.late:
+            self.stream = torch.cuda.current_stream(device)
+            self.flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+            self.copied = torch.cuda.Event()
+
+    def poll(self, finished: torch.Tensor) -> bool:
+        if not self.late:
+            return bool(finished.all())
+        self.copied.synchronize()  # the previous poll's copy; returns at once before the first record
+        before = bool(self.flag)
+        self.flag.copy_(finished.all(), non_blocking=True)
+        self.copied.record(self.stream)
+        return before
+
+
 @torch.no_grad()
 def generate_text(
     model,
@@ -232,9 +257,9 @@ def generate_text(
     placeholders filled by ``images`` [N, 3, S, S] -> new tokens [B, n], n <= max_new_tokens.
 
     temperature 0 = greedy. Generation stops once every row has produced config.eos_token_id; a row that
-    finished earlier is filled with the pad token (or EOS when the model has none) after its EOS. That stop
-    test reads one bool per token on the host (a sync on CUDA): text answers are short and eager here; the
-    graph-captured, sync-free loop is generate_image's.
+    finished earlier is filled with the pad token (or EOS when the model has none) after its EOS. The loop runs
+    eagerly (the graph-captured loop is generate_image's) and its stop test never drains the GPU's queue: on
+    CUDA the host reads each step's flag one step late (see _AllFinished), with the same result.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -251,6 +276,7 @@ def generate_text(
     fill = config.pad_token_id if config.pad_token_id is not None else eos
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     step = torch.zeros(1, dtype=torch.int64, device=device)
+    stop = _AllFinished(device) if eos is not None else None
     new_tokens = []
     for _ in range(max_new_tokens):
         ids = ops.cfg_sample(model.text_logits(hidden), temperature=temperature, top_k=top_k, top_p=top_p,
@@ -260,7 +286,9 @@ def generate_text(
             ids = torch.where(finished, torch.full_like(ids, fill), ids)
             finished |= ids == eos
         new_tokens.append(ids)
-        if eos is not None and bool(finished.all()):
+        if stop is not None and stop.poll(finished):
+            if stop.late:
+                new_tokens.pop()  # sampled after every row had finished: the stop came one step late
             break
         embed = model.decoder.embed_tokens(ids)[:, None]  # (B, 1, hidden)
         hidden = model.decoder(embed, modality[:, :1], cache, prefill=False)[:, -1]

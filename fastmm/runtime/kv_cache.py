@@ -51,9 +51,10 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Write k, v [B, Hkv, T, d] of ``layer`` at positions[b] + t for t < T (positions [B] on the device).
 
-        Positions are not checked against max_len on CUDA (that would sync the host): the caller keeps
-        positions + T <= max_len, as advance() does for its own lengths. On CPU they are checked, except while
-        torch.compile traces (a host read would break the graph)."""
+        Positions are checked against max_len on the host where fastmm.ops._validate reads values there (CPU
+        tensors, or CUDA under FASTMM_CHECK_VALUES=host; never while torch.compile traces or a CUDA graph is
+        captured). Otherwise on CUDA the caller keeps positions + T <= max_len, as advance() does for its own
+        lengths, and the indexing kernels' own device-side asserts catch a write past the buffer."""
         B, H, T, d = k.shape
         expected = (self.k.shape[1], self.k.shape[2], self.k.shape[4])
         if (B, H, d) != expected or v.shape != k.shape:
@@ -63,7 +64,7 @@ class KVCache:
             )
         if positions.shape != (B,):
             raise ValueError(f"KVCache.write: positions must be [B] = ({B},), got {tuple(positions.shape)}")
-        if positions.device.type == "cpu" and values_checkable(positions) and int(positions.max()) + T > self.max_len:
+        if values_checkable(positions) and int(positions.max()) + T > self.max_len:
             raise ValueError(f"KVCache.write: positions + T reach {int(positions.max()) + T} > max_len {self.max_len}")
         if T == 1:  # a decode step: one indexed assignment per buffer, half the cost of building a scatter index
             at = (self._rows, slice(None), positions.long())
