@@ -6,10 +6,11 @@
         y_ref = fastmm.ops.modality_rms_norm(x, modality, weight)
 """
 
-from fastmm import nn, ops, runtime
+from fastmm import integrations, nn, ops, runtime
 from fastmm.backend import use_backend
+from fastmm.integrations import patch, unpatch
 from fastmm.profiling import profile
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "runtime", "use_backend", "profile", "__version__"]
+__all__ = ["ops", "nn", "runtime", "integrations", "use_backend", "patch", "unpatch", "profile", "__version__"]

@@ -66,6 +66,24 @@ class MaskLayout:
     def device(self) -> torch.device:
         return self.kv_start.device
 
+    def to(self, *args, **kwargs) -> MaskLayout:
+        """Tensor.to's arguments, for code that moves the prepared mask (transformers' Janus image loop calls
+        ``attention_mask.to(device)``). The device moves every tensor. A floating dtype rounds the float mask
+        through it, as casting the dense mask would, but the mask stays float32 (the kernels' contract); the ranges
+        and boolean parts have no floating values to cast."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if dtype is not None and t.is_floating_point() and dtype.is_floating_point:
+                t = t.to(dtype).float()
+            return t.to(device, non_blocking=non_blocking) if device is not None else t
+
+        return MaskLayout(
+            moved(self.kv_start), moved(self.kv_end), moved(self.key_keep), moved(self.mask), self.suffix_causal
+        )
+
 
 def bounding_ranges(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, Lq] int32 (first, last + 1) allowed key of each query of a [B, Lq, S] bool mask; (0, 0) when none."""

@@ -82,6 +82,21 @@ class UnifiedModel(nn.Module):
         tensors: dict[str, torch.Tensor] = {}
         for file in files:
             tensors.update(load_file(str(file)))
+        return cls.from_janus_state_dict(config, tensors, dtype, device, source=f"checkpoint {directory}")
+
+    @classmethod
+    def from_janus_state_dict(
+        cls,
+        config: UnifiedConfig,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        source: str = "the state dict",
+    ) -> UnifiedModel:
+        """Build from a transformers Janus state dict (its names, e.g. ``JanusForConditionalGeneration.state_dict()``)
+        and the config of ``convert.config_from_janus``. Tensors already of ``dtype`` on ``device`` are shared, not
+        copied (the norms as views with a modality dim); only the fused projections (q/k/v, gate/up) and the
+        precomputed generation table are new memory."""
         state = convert.state_dict_from_janus(tensors, config)
         with torch.device("meta"):
             model = cls(config)
@@ -91,7 +106,7 @@ class UnifiedModel(nn.Module):
             missing = [name for name in missing if name != "lm_head.weight"]
         if missing or unexpected:
             raise ValueError(
-                f"UnifiedModel.from_pretrained: checkpoint {directory} does not match its config: "
+                f"UnifiedModel: {source} does not match its config: "
                 f"missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
         state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
