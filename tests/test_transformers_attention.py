@@ -216,6 +216,22 @@ def test_mask_layout_is_transformers_mask(name, q_length, kv_length, q_offset, k
         assert torch.equal(keys, expected.expand_as(keys)), name
 
 
+def test_mask_layout_to_moves_and_rounds_like_a_dense_mask():
+    """.to(device) keeps every part; .to(half) rounds the float mask as casting the dense mask would (values stay
+    float32, -inf stays -inf); the ranges and key padding are not floating and keep their dtypes."""
+    mask = torch.tensor([[[0.0, -1.0001, float("-inf")], [0.1, 0.0, -70000.0]]])
+    layout = MaskLayout(torch.zeros(1, 2, dtype=torch.int32), torch.full((1, 2), 3, dtype=torch.int32),
+                        torch.tensor([[True, True, False]]), mask)  # fmt: skip
+    moved = layout.to("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(
+        (moved.kv_start, moved.kv_end, moved.key_keep, moved.mask),
+        (layout.kv_start, layout.kv_end, layout.key_keep, layout.mask)))  # fmt: skip
+    half = layout.to(torch.float16)
+    assert half.mask.dtype == torch.float32 and torch.equal(half.mask, mask.half().float())
+    assert half.kv_end.dtype == torch.int32 and half.key_keep.dtype == torch.bool
+    assert torch.equal(layout.to(device="cpu", dtype=torch.float32).mask, mask)
+
+
 # ------------------------------------------------------------------------------------------- models
 
 
