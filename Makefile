@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 DEPS := triton numpy pybind11 scikit-build-core ninja rich typer safetensors \
         pytest pytest-xdist hypothesis transformers pytest-benchmark matplotlib nvidia-ml-py \
-        faiss-cpu vector-quantize-pytorch
+        faiss-cpu vector-quantize-pytorch kernels
 PYTEST_WORKERS ?= 2
 
 .PHONY: test bench setup clean

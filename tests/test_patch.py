@@ -189,7 +189,8 @@ def test_patched_matches_unpatched_and_unpatch_is_exact(arch, dtype, spy):
     after = run(model, arch, dtype)
     assert all(torch.equal(after[key], before[key]) for key in before)
     assert _attention_names(model) == names
-    assert not any(name in m.__dict__ for m in model.modules() for name in ("forward", "extra_repr", "_fastmm"))
+    assert not any(name in m.__dict__ for m in model.modules()
+                   for name in ("forward", "extra_repr", "_fastmm", "_kernel_repo"))  # fmt: skip
 
 
 def test_report_and_print_show_the_swaps():
@@ -210,6 +211,24 @@ def test_report_and_print_show_the_swaps():
     assert text.startswith("ChameleonForConditionalGeneration(\n  fastmm=attn_implementation='fastmm'")
     fastmm.unpatch(model)
     assert "fastmm" not in repr(model)
+
+
+def test_kernel_aware_norms_go_through_the_kernels_package():
+    """transformers marks its RMSNorms kernel-aware; with the kernels package installed they are swapped by
+    kernels.kernelize with fastmm's layer (and only they: the rest of the model keeps no kernel repository)."""
+    pytest.importorskip("kernels")
+    model = build("llama")
+    assert getattr(T.models.llama.modeling_llama.LlamaRMSNorm, "kernel_layer_name", None) == "RMSNorm"
+    fastmm.patch(model)
+    norms = [m for m in model.modules() if isinstance(m, T.models.llama.modeling_llama.LlamaRMSNorm)]
+    assert norms and all(str(m.__dict__.get("_kernel_repo")) == "fastmm (RMSNorm)" for m in norms)
+    assert "LlamaRMSNorm((64,), eps=1e-06, fastmm=ops.modality_rms_norm via kernels.kernelize)" in repr(model)
+    assert not any("_kernel_repo" in m.__dict__ for m in model.modules() if m not in norms)
+    x = torch.randn(2, 3, 64)
+    assert_error_ratio("kernelized norm", norms[0](x), type(norms[0]).forward(norms[0], x),
+                       type(norms[0]).forward(copy.deepcopy(norms[0]).double(), x.double()))  # fmt: skip
+    fastmm.unpatch(model)
+    assert not any("_kernel_repo" in m.__dict__ or "forward" in m.__dict__ for m in norms)
 
 
 def test_patching_twice_is_idempotent():

@@ -7,6 +7,9 @@ vision tower, VQ model) and follows the plan of that sub-model's ``config.model_
 - attention: transformers' extension point. ``register_with_transformers()`` registers fastmm's attention and
   mask functions under "fastmm", then one ``set_attn_implementation`` call names it for every sub-config whose
   plan says so; the previous names are kept and set back by ``unpatch``.
+- norms transformers marks kernel-aware (its RMSNorms): the ``kernels`` package's extension point, when a release
+  transformers accepts is installed: ``kernels.kernelize`` with a mapping to fastmm's layer
+  (fastmm.integrations.kernel_layers). Without ``kernels`` they are swapped by hand like the rest.
 - norms, linears, VQ quantizers: the module's ``forward`` is replaced on the instance by a method that calls
   fastmm's op on the module's own Parameters (no copy, no new Parameter; the weights keep their values).
   Each swap is recorded on the module (``_fastmm``), its ``extra_repr`` names the op, so ``print(model)`` shows
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmm import ops
-from fastmm.integrations import plans
+from fastmm.integrations import kernel_layers, plans
 from fastmm.integrations.attention import register_with_transformers
 from fastmm.integrations.janus import JanusImageRoute
 from fastmm.nn.vq import VQCodebook
@@ -192,6 +195,10 @@ _FORWARDS: dict[str, Callable] = {
     plans.VQ: _vq_forward,
     plans.VQ_INDICES: _vq_indices_forward,
 }
+# The kernels-package repositories of the kinds transformers marks kernel-aware (by their layer name).
+_KERNEL_REPOSITORIES = {
+    kind: kernel_layers.Repository(name, _FORWARDS[kind]) for name, kind in kernel_layers.KERNEL_LAYER_KINDS.items()
+}
 
 
 def _extra_repr(self) -> str:
@@ -316,9 +323,29 @@ def _swap(module: nn.Module, kind: str) -> str | None:
             return refused
     record = module.__dict__.setdefault(_RECORD, _Record())
     record.kind, record.eps, record.codebook = prepared.kind, prepared.eps, prepared.codebook
+    if kernel_layers.kernel_layer_kind(module) == kind and _kernelize(module, kind):
+        _note(module, f"{_OPS[kind]} via kernels.kernelize")
+        return None
     _replace(module, "forward", MethodType(_FORWARDS[kind], module))
     _note(module, _OPS[kind])
     return None
+
+
+def _kernelize(module: nn.Module, kind: str) -> bool:
+    """Swap a kernel-aware module through the kernels package (fastmm.integrations.kernel_layers); whether it
+    took. The instance's own forward and kernel-repository attributes are saved first, so unpatch restores them."""
+    saved = _record(module).saved
+    for name in ("forward", kernel_layers.KERNEL_REPO_ATTRIBUTE):
+        saved.setdefault(name, module.__dict__.get(name, _ABSENT))
+    if kernel_layers.kernelize(module, _KERNEL_REPOSITORIES[kind]):
+        return True
+    for name in ("forward", kernel_layers.KERNEL_REPO_ATTRIBUTE):  # kernels kept the original: undo its traces
+        value = saved.pop(name)
+        if value is _ABSENT:
+            module.__dict__.pop(name, None)
+        else:
+            object.__setattr__(module, name, value)
+    return False
 
 
 def _walk(model: nn.Module, pretrained: type) -> Iterator[tuple[str, nn.Module, Any]]:

@@ -20,11 +20,11 @@ Swap kinds (how each is done, and why by hand where it is):
                      (quantized, loss, indices) like Chameleon's and Janus's quantizers
     vq_indices       the same, indices only, like Emu3's video quantizer
 
-The norms are patched by hand: transformers marks them kernel-aware (``@use_kernel_forward_from_hub("RMSNorm")``)
-for the ``kernels`` package, but transformers 5.24 accepts only kernels >= 0.18.2, < 0.19 and the newest
-release on the package index is 0.17.2; with any other version transformers' decorator is a no-op, the classes
-carry no ``kernel_layer_name`` and ``kernelize`` has nothing to map. LayerNorm, nn.Linear and the quantizers
-carry no such mark at all.
+RMSNorms go through transformers' own hook when it is live: transformers marks them kernel-aware
+(``@use_kernel_forward_from_hub("RMSNorm")``), and with a ``kernels`` release transformers accepts installed
+(transformers 5.25: kernels >= 0.19.1, < 0.20) ``kernels.kernelize`` maps them to fastmm's layer
+(fastmm.integrations.kernel_layers). Without it the mark is a no-op and they are patched by hand, as are
+LayerNorm, nn.Linear and the quantizers, which carry no such mark.
 """
 
 from __future__ import annotations
