@@ -213,6 +213,23 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _model_options(model_path, demo: bool, preset: str, dtype: str, device: str):
+    """(device, the demo model or None) from the --model / --demo / --preset / --dtype / --device options that
+    generate and profile share, refusing a bad combination with the option named."""
+    from fastmm.models import presets
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    target = _target_device(device)
+    if demo == (model_path is not None):
+        raise typer.BadParameter("give either --model PATH or --demo", param_hint="--model")
+    if not demo:
+        return target, None
+    if preset not in presets.PRESETS:
+        raise typer.BadParameter(f"expected one of {presets.PRESETS}, got {preset!r}", param_hint="--preset")
+    return target, presets.demo_model(preset, _DTYPES[dtype], target)
+
+
 @app.command()
 def generate(
     model_path: Optional[pathlib.Path] = typer.Option(None, "--model", help="A transformers Janus checkpoint directory."),
@@ -237,15 +254,9 @@ def generate(
     from fastmm.models import presets
     from fastmm.runtime import generate_image
 
-    if dtype not in _DTYPES:
-        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
-    target = _target_device(device)
-    if demo == (model_path is not None):
-        raise typer.BadParameter("give either --model PATH or --demo", param_hint="--model")
-    if demo:
-        if preset not in presets.PRESETS:
-            raise typer.BadParameter(f"expected one of {presets.PRESETS}, got {preset!r}", param_hint="--preset")
-        model = presets.demo_model(preset, _DTYPES[dtype], target)
+    target, demo_model = _model_options(model_path, demo, preset, dtype, device)
+    if demo_model is not None:
+        model = demo_model
         ids = _parse_ids(prompt_ids) if prompt_ids else [presets.BOS, 10, 11, 12, 13, presets.BOI]
         err.print(f"demo: random-weight '{preset}' model; the picture will be noise from random weights", markup=False)
     else:
@@ -304,19 +315,12 @@ def profile(
 ) -> None:
     """Profile one image generation (and optionally a text answer): stage times, time to first token, per-token
     latency p50 / p90 / p99, tokens/s, peak memory, NVML power / clocks / energy; optional Chrome trace."""
-    from fastmm.models import presets
     from fastmm.profiling import profile as run_profile
     from fastmm.profiling.report import tables
 
-    if dtype not in _DTYPES:
-        raise typer.BadParameter(f"expected one of {sorted(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
-    target = _target_device(device)
-    if demo == (model_path is not None):
-        raise typer.BadParameter("give either --model PATH or --demo", param_hint="--model")
-    if demo:
-        if preset not in presets.PRESETS:
-            raise typer.BadParameter(f"expected one of {presets.PRESETS}, got {preset!r}", param_hint="--preset")
-        model, name = presets.demo_model(preset, _DTYPES[dtype], target), f"demo '{preset}' (random weights)"
+    target, demo_model = _model_options(model_path, demo, preset, dtype, device)
+    if demo_model is not None:
+        model, name = demo_model, f"demo '{preset}' (random weights)"
     else:
         model, name = model_path, str(model_path)
 
