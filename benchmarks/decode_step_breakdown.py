@@ -27,7 +27,7 @@ def main(dtype: torch.dtype) -> None:
     model = UnifiedModel.from_pretrained(presets.save_random_janus(tempfile.mkdtemp(), "small"), dtype=dtype)
     step = start_image_generation(model, PROMPT, CFG_SCALE, temperature=0.0, seed=0)
     step()  # builds the native runner of this cache
-    runner = model.decoder._native_runners.get(model.decoder, step.cache, step.embeds.shape[0])
+    runner = model.decoder._fused_decode_runner(step.embeds, step.cache, prefill=False)
     hidden = torch.randn(step.embeds.shape[0], model.config.hidden_size, dtype=dtype)
     logits = model.image_logits(hidden)
     start_length, start_step = step.cache.lengths.clone(), step.step.clone()

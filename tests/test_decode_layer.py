@@ -1,4 +1,4 @@
-"""The native decode step (fastmm.native.decode_layer: one C++ call per decoder layer) against the Python layer
+"""The fused decode step (fastmm.ops.decode_layer; native: one C++ call per decoder layer) against the Python layer
 loop of Decoder.forward it replaces on CPU: hidden states, KV cache contents and lengths over several decode
 steps, greedy image tokens, the runners' lifetime, and clear errors for what it cannot run."""
 
@@ -17,7 +17,7 @@ from fastmm import use_backend
 from fastmm.models import UnifiedModel, presets
 from fastmm.native.decode_layer import DecodeLayerRunner
 from fastmm.runtime import generate_image
-from fastmm.runtime.kv_cache import KVCache
+from fastmm.kv_cache import KVCache
 
 CONFIGS = {
     "gqa": {},  # the tiny preset: 4 q heads over 2 kv heads, head_dim 16
@@ -69,9 +69,15 @@ def prefilled(decoder, batch: int = 2, max_len: int = 12) -> KVCache:
     return cache
 
 
+def runner(decoder, cache: KVCache, batch: int) -> DecodeLayerRunner:
+    """The native runner over ``decoder``'s layers, built directly (the fused step builds it the same way)."""
+    return DecodeLayerRunner(decoder.decode_layer_weights(), decoder.config.num_heads, cache, decoder.rope_cos,
+                             decoder.rope_sin, batch)  # fmt: skip
+
+
 def uses_runner(decoder, cache: KVCache) -> bool:
     token = torch.zeros(cache.k.shape[1], 1, decoder.config.hidden_size, dtype=cache.k.dtype)
-    return isinstance(decoder._native_decode_runner(token, cache, False), DecodeLayerRunner)
+    return isinstance(decoder._fused_decode_runner(token, cache, False), DecodeLayerRunner)
 
 
 @torch.no_grad()
@@ -88,7 +94,7 @@ def test_runner_matches_the_python_path(name, dtype, monkeypatch):
         token = torch.randn(B, 1, H, generator=generator).to(dtype)
         native.append(decoder(token, modality, native_cache, prefill=False))
         with monkeypatch.context() as patch:
-            patch.setattr(decoder, "_native_decode_runner", lambda *args: None)
+            patch.setattr(decoder, "_fused_decode_runner", lambda *args: None)
             python.append(decoder(token, modality, python_cache, prefill=False))
     assert uses_runner(decoder, native_cache)
     assert_matches(torch.cat(native, dim=1), torch.cat(python, dim=1), dtype)
@@ -103,9 +109,12 @@ def test_greedy_image_tokens_equal_the_python_path(dtype, monkeypatch):
     model = UnifiedModel(presets.demo_config("tiny")).eval().to(dtype)
     model.rebuild_buffers("cpu")
     prompt = [presets.BOS, 10, 11, 12, 13, presets.BOI]
+    steps = []
+    run = DecodeLayerRunner.run
+    monkeypatch.setattr(DecodeLayerRunner, "run", lambda self, *args: steps.append(1) or run(self, *args))
     native = generate_image(model, prompt, temperature=0.0, decode_pixels=False).tokens
-    assert model.decoder._native_runners is not None  # the runner ran
-    monkeypatch.setattr(model.decoder, "_native_decode_runner", lambda *args: None)
+    assert len(steps) == native.shape[1] - 1  # the runner ran every decode step (the first token ends the prompt)
+    monkeypatch.setattr(model.decoder, "_fused_decode_runner", lambda *args: None)
     python = generate_image(model, prompt, temperature=0.0, decode_pixels=False).tokens
     assert torch.equal(native, python)
 
@@ -115,17 +124,17 @@ def test_python_path_where_the_runner_does_not_apply():
     decoder = random_decoder()
     cache = prefilled(decoder)
     token = torch.zeros(2, 1, decoder.config.hidden_size)
-    assert decoder._native_decode_runner(token, cache, prefill=True) is None
-    assert decoder._native_decode_runner(torch.zeros(2, 2, decoder.config.hidden_size), cache, False) is None
-    assert decoder._native_decode_runner(token.double(), cache, False) is None
+    assert decoder._fused_decode_runner(token, cache, prefill=True) is None
+    assert decoder._fused_decode_runner(torch.zeros(2, 2, decoder.config.hidden_size), cache, False) is None
+    assert decoder._fused_decode_runner(token.double(), cache, False) is None
     with torch.enable_grad():
-        assert decoder._native_decode_runner(token, cache, False) is None
+        assert decoder._fused_decode_runner(token, cache, False) is None
     with use_backend("reference"):
-        assert decoder._native_decode_runner(token, cache, False) is None
+        assert decoder._fused_decode_runner(token, cache, False) is None
     decoder.rope_cos = decoder.rope_cos.bfloat16()  # as a module-wide .to(torch.bfloat16) leaves it
-    assert decoder._native_decode_runner(token, cache, False) is None
+    assert decoder._fused_decode_runner(token, cache, False) is None
     adaptive = random_decoder(modality_adaptive=True)
-    assert adaptive._native_decode_runner(token, prefilled(adaptive), False) is None
+    assert adaptive._fused_decode_runner(token, prefilled(adaptive), False) is None
 
 
 @torch.no_grad()
@@ -133,17 +142,17 @@ def test_runners_are_per_cache_and_never_copied():
     decoder = random_decoder()
     cache, other = prefilled(decoder), prefilled(decoder)
     token = torch.zeros(2, 1, decoder.config.hidden_size)
-    runner = decoder._native_decode_runner(token, cache, False)
-    assert decoder._native_decode_runner(token, cache, False) is runner
-    assert decoder._native_decode_runner(token, other, False) is not runner
+    runner = decoder._fused_decode_runner(token, cache, False)
+    assert decoder._fused_decode_runner(token, cache, False) is runner
+    assert decoder._fused_decode_runner(token, other, False) is not runner
     cache.reset()
     decoder(torch.zeros(2, 5, decoder.config.hidden_size), torch.zeros(2, 5, dtype=torch.int64), cache, prefill=True)
-    assert decoder._native_decode_runner(token, cache, False) is not runner  # a new sequence, a new runner
+    assert decoder._fused_decode_runner(token, cache, False) is not runner  # a new sequence, a new runner
     for clone in (copy.deepcopy(decoder), pickle.loads(pickle.dumps(decoder))):
-        assert len(clone._native_runners._by_cache) == 0  # the pointers belong to the original's tensors
+        assert len(clone.decode_runners) == 0  # the pointers belong to the original's tensors
     del cache, other
     gc.collect()
-    assert len(decoder._native_runners._by_cache) == 0  # runners die with their caches
+    assert len(decoder.decode_runners) == 0  # runners die with their caches
 
 
 def transposed_down_proj(decoder):
@@ -171,11 +180,11 @@ def half_rope_table(decoder):
 @pytest.mark.parametrize(
     "spoil, error",
     [
-        (transposed_down_proj, r"layers\[1\]\.mlp\.down_proj\.weight must be a contiguous CPU torch.float32 tensor"),
-        (double_norm, r"layers\[0\]\.input_norm\.weight must be a contiguous CPU torch.float32 tensor"),
-        (bf16_gate_up, r"layers\[1\]\.mlp\.gate_up_proj\.weight must be a contiguous CPU torch.float32 .* got torch.bfloat16"),
-        (narrow_o_proj, r"layers\[0\]\.attn\.o_proj\.weight must be .* of shape \(64, 64\)"),
-        (half_rope_table, r"decoder\.rope_cos must be .* of shape \(2048, 16\)"),
+        (transposed_down_proj, r"layers\[1\]\.down must be a contiguous CPU torch.float32 tensor"),
+        (double_norm, r"layers\[0\]\.input_norm must be a contiguous CPU torch.float32 tensor"),
+        (bf16_gate_up, r"layers\[1\]\.gate_up must be a contiguous CPU torch.float32 .* got torch.bfloat16"),
+        (narrow_o_proj, r"layers\[0\]\.o must be .* of shape \(64, 64\)"),
+        (half_rope_table, r"rope_cos must be .* of shape \(2048, 16\)"),
     ],
 )
 def test_bad_decoders_are_refused(spoil, error):
@@ -183,47 +192,46 @@ def test_bad_decoders_are_refused(spoil, error):
     cache = decoder.new_cache(2, 8)
     spoil(decoder)
     with pytest.raises(ValueError, match=error):
-        DecodeLayerRunner(decoder, cache, 2)
+        runner(decoder, cache, 2)
 
 
 def test_unsupported_dtypes_are_refused():
     decoder = random_decoder().double()
-    with pytest.raises(ValueError, match="decoder's dtype must be float32, bfloat16 or float16, got torch.float64"):
-        DecodeLayerRunner(decoder, decoder.new_cache(2, 8), 2)
+    with pytest.raises(ValueError, match="weights' dtype must be float32, bfloat16 or float16, got torch.float64"):
+        runner(decoder, decoder.new_cache(2, 8), 2)
 
 
 def test_bad_caches_are_refused():
     decoder = random_decoder()
     config = decoder.config
     with pytest.raises(ValueError, match="batch must be the cache's batch, got 3"):
-        DecodeLayerRunner(decoder, decoder.new_cache(2, 8), 3)
+        runner(decoder, decoder.new_cache(2, 8), 3)
     with pytest.raises(ValueError, match="cache.k must be a contiguous CPU torch.float32 tensor"):
-        DecodeLayerRunner(decoder, decoder.new_cache(2, 8, dtype=torch.bfloat16), 2)
+        runner(decoder, decoder.new_cache(2, 8, dtype=torch.bfloat16), 2)
     with pytest.raises(ValueError, match=r"cache.k must be .* of shape \(2, 2, 2, 8, 16\)"):
-        DecodeLayerRunner(decoder, KVCache(3, 2, config.num_kv_heads, 8, config.head_dim), 2)
+        runner(decoder, KVCache(3, 2, config.num_kv_heads, 8, config.head_dim), 2)
     too_long = KVCache(config.num_layers, 2, config.num_kv_heads, config.max_position_embeddings + 1, config.head_dim)
     with pytest.raises(ValueError, match="exceeds the RoPE tables' 2048 positions"):
-        DecodeLayerRunner(decoder, too_long, 2)
+        runner(decoder, too_long, 2)
     with pytest.raises(ValueError, match="routed kv_proj"):
-        adaptive = random_decoder(modality_adaptive=True)
-        DecodeLayerRunner(adaptive, adaptive.new_cache(2, 8), 2)
+        random_decoder(modality_adaptive=True).decode_layer_weights()
 
 
 @torch.no_grad()
 def test_bad_steps_are_refused():
     decoder = random_decoder()
     cache = prefilled(decoder, max_len=6)
-    runner = DecodeLayerRunner(decoder, cache, 2)
+    step = runner(decoder, cache, 2)
     token, modality = torch.zeros(2, 1, decoder.config.hidden_size), torch.zeros(2, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"embeds must be a CPU torch.float32 tensor of shape \(2, 1, 64\)"):
-        runner.run(token[:1], modality)
+        step.run(token[:1], modality)
     with pytest.raises(ValueError, match=r"embeds must be a CPU torch.float32 tensor .* got torch.bfloat16"):
-        runner.run(token.bfloat16(), modality)
+        step.run(token.bfloat16(), modality)
     with pytest.raises(ValueError, match=r"modality must be a CPU int64 tensor of shape \(2, 1\)"):
-        runner.run(token, modality.int())
+        step.run(token, modality.int())
     with pytest.raises(ValueError, match=r"modality ids must be in \[0, 1\), got values in \[0, 1\]"):
-        runner.run(token, torch.tensor([[0], [1]]))
-    runner.run(token, modality)
+        step.run(token, torch.tensor([[0], [1]]))
+    step.run(token, modality)
     cache.advance(1)  # row 0 now holds 6 of 6 positions
     with pytest.raises(ValueError, match=r"the cache is full or corrupt: lengths must be in \[0, max_len = 6\)"):
-        runner.run(token, modality)
+        step.run(token, modality)

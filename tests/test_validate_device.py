@@ -1,4 +1,4 @@
-"""Value checks without a host sync (fastmm.ops._validate): on CPU tensors they read the values and name them; on
+"""Value checks without a host sync (fastmm._validate): on CPU tensors they read the values and name them; on
 CUDA tensors they are device-side asserts (torch._assert_async), or host reads with the exact values under
 FASTMM_CHECK_VALUES=host. On this CPU machine the device branch runs on CPU tensors, where torch._assert_async
 raises at once; with CUDA, every op and the decode loops run eagerly under torch.cuda.set_sync_debug_mode("error").
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastmm
-from fastmm.ops import _validate as v
+from fastmm import _validate as v
 
 ops = fastmm.ops
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -27,7 +27,7 @@ from torch import nn
 
 from fastmm import ops
 from fastmm.integrations.masks import MaskLayout, layout_from_tensor, mask_layout, plain_ranges
-from fastmm.reference import attention as reference
+from fastmm.ops.attention import allowed_keys, attention_scores, attention_weights, dense_mask, floor_mask
 
 
 def _none_mask_layout(module, batch, num_queries, num_keys, is_causal, sliding_window, device) -> MaskLayout:
@@ -50,7 +50,7 @@ def _fold_into_mask(layout: MaskLayout, num_keys: int) -> torch.Tensor | None:
     if layout.suffix_causal:
         allowed = None
     else:
-        allowed = reference.dense_mask(layout.kv_start, layout.kv_end, num_keys)[:, 0]
+        allowed = dense_mask(layout.kv_start, layout.kv_end, num_keys)[:, 0]
     if layout.key_keep is not None:
         keep = layout.key_keep[:, None, :]
         allowed = keep.expand(-1, layout.kv_start.shape[1], -1) if allowed is None else allowed & keep
@@ -105,7 +105,7 @@ def _dense_attention(query, key, value, allowed, bias, scale, softcap, sinks, dr
     float ``bias`` (None or broadcastable to [B, Hq, Lq, S]): attention dropout, and a value head size that differs
     from the key's. O(Lq S) memory per head."""
     num_keys = key.shape[2]
-    scores = reference.attention_scores(query, key, scale, softcap or 0.0)
+    scores = attention_scores(query, key, scale, softcap or 0.0)
     if bias is not None:
         scores = scores + bias.float()
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -174,7 +174,7 @@ def attention_forward(
     else:
         if attention_mask is None:
             plain = _none_mask_layout(module, B, Lq, S, is_causal, kwargs.get("sliding_window"), query.device)
-            attention_mask = reference.dense_mask(plain.kv_start, plain.kv_end, S)
+            attention_mask = dense_mask(plain.kv_start, plain.kv_end, S)
         layout = None
 
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -187,7 +187,7 @@ def attention_forward(
                 f"{'output_attentions' if output_attentions else 's_aux sinks'} is not supported"
             )
         if dense:
-            bias = None if mask.dtype == torch.bool else reference.floor_mask(mask)
+            bias = None if mask.dtype == torch.bool else floor_mask(mask)
             allowed = mask if bias is None else bias != float("-inf")
             out = _dense_attention(query, key, value, allowed, bias, scale, softcap, sinks, dropout, module.training)
         else:
@@ -195,14 +195,14 @@ def attention_forward(
         return out.transpose(1, 2).contiguous(), None
 
     if dense:
-        allowed = reference.allowed_keys(layout.kv_start, layout.kv_end, S, layout.key_keep, layout.mask)
+        allowed = allowed_keys(layout.kv_start, layout.kv_end, S, layout.key_keep, layout.mask)
         bias = _layout_bias(layout)
         out = _dense_attention(query, key, value, allowed, bias, scale, softcap, sinks, dropout, module.training)
     else:
         out = _attend(query, key, value, layout, scale, softcap, sinks)
     weights = None
     if output_attentions:
-        weights = reference.attention_weights(
+        weights = attention_weights(
             query, key, layout.kv_start, layout.kv_end, scale, layout.key_keep, layout.mask, softcap or 0.0, sinks
         )
     return out.transpose(1, 2).contiguous(), weights

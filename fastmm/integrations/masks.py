@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmm.reference.attention import MASK_FLOOR, floor_mask
+from fastmm.ops.attention import MASK_FLOOR, floor_mask
 
 @dataclass(frozen=True)
 class MaskLayout:

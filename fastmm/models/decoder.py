@@ -5,9 +5,9 @@ q, k, v come from one fused projection and gate / up from another: one GEMM wher
 which matters at decode batch sizes, where every GEMM streams its weights for a handful of rows. With
 ``modality_adaptive`` (mPLUG-Owl2) the norms hold one weight per modality and k / v are a routed projection.
 
-The layers below are the reference and what torch.compile and CUDA graphs capture. An eager decode step on the
-CPU (fp32, bf16 or fp16) runs each layer as one C++ call instead (fastmm.native.decode_layer), without the
-per-op overhead.
+The layers below are the reference and what torch.compile and CUDA graphs capture. An eager decode step runs
+the fused step of fastmm.ops.decode_layer instead where its backend has one (CPU, fp32 / bf16 / fp16: each
+layer one C++ call), without the per-op overhead.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmm import ops
-from fastmm.backend import choose_backend
+from fastmm.kv_cache import KVCache
 from fastmm.models.config import UnifiedConfig
 from fastmm.models.linear import Linear
-from fastmm.native._shared import DTYPE_CODE  # the dtypes the native decode layer runs (no _C import)
 from fastmm.nn.attention import apply_rope
 from fastmm.nn.norm import ModalityRMSNorm, RoutedLinear
-from fastmm.runtime.kv_cache import KVCache
+from fastmm.ops.decode_layer import DecodeLayerWeights, DecodeRunners
 
 
 def rope_table(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +130,7 @@ class Decoder(nn.Module):
         cos, sin = rope_table(config.max_position_embeddings, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._native_runners = None  # DecodeRunners of the native decode step, created on its first use
+        self.decode_runners = DecodeRunners()  # the fused decode step's runners, one per KV cache
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """A static KV cache for ``batch`` rows of up to ``max_len`` tokens, in the weights' dtype and device."""
@@ -157,7 +156,7 @@ class Decoder(nn.Module):
             [B, L, hidden] final-normed hidden states.
         """
         L = embeds.shape[1]
-        runner = self._native_decode_runner(embeds, cache, prefill)
+        runner = self._fused_decode_runner(embeds, cache, prefill)
         if runner is not None:
             x, residual = runner.run(embeds, modality)
         else:
@@ -169,25 +168,37 @@ class Decoder(nn.Module):
         cache.advance(L)
         return self.norm(x, modality, residual)[0]
 
-    def _native_decode_runner(self, embeds: torch.Tensor, cache: KVCache, prefill: bool):
-        """The DecodeLayerRunner (fastmm.native.decode_layer: one C++ call per layer, built once per cache and
-        batch) for this step, or None where the layers run in Python: prefill, several tokens per row, autograd,
-        torch.compile (the Python path is what it traces), devices, dtypes or backends other than CPU
-        fp32 / bf16 / fp16 native, RoPE tables that are not fp32, and modality-adaptive models (routed k / v
-        projections)."""
-        if torch.compiler.is_compiling():
+    def _fused_decode_runner(self, embeds: torch.Tensor, cache: KVCache, prefill: bool):
+        """The runner of fastmm.ops.decode_layer's fused step for this step (built once per cache and batch), or
+        None where the layers run in Python: prefill, and whatever ops.decode_layer.fused_decode_runs refuses
+        (several tokens per row, autograd, torch.compile, a backend without the fused step), RoPE tables that are
+        not fp32, and modality-adaptive models (routed k / v projections)."""
+        if prefill:  # a new sequence in this cache: its runner may predate new weights
+            self.decode_runners.drop(cache)
             return None
-        if prefill:
-            if self._native_runners is not None:  # a new sequence in this cache: its runner may predate new weights
-                self._native_runners.drop(cache)
+        if self.rope_cos.dtype != torch.float32 or self.config.modality_adaptive:  # the Python path copes
             return None
-        if (embeds.shape[1] != 1 or embeds.device.type != "cpu" or embeds.dtype not in DTYPE_CODE
-                or self.rope_cos.dtype != torch.float32  # cast by a module-wide .to(dtype): the Python path copes
-                or self.config.modality_adaptive or torch.is_grad_enabled()
-                or choose_backend("modality_rms_norm", embeds.device) != "native"):  # fmt: skip
-            return None
-        if self._native_runners is None:  # imported here: it needs fastmm._C, which the native backend has
-            from fastmm.native.decode_layer import DecodeRunners
+        return self.decode_runners.get(embeds, cache, self.decode_layer_weights, self.config.num_heads,
+                                       self.rope_cos, self.rope_sin)  # fmt: skip
 
-            self._native_runners = DecodeRunners()
-        return self._native_runners.get(self, cache, embeds.shape[0])
+    def decode_layer_weights(self) -> list[DecodeLayerWeights]:
+        """Every layer's parameters as fastmm.ops.decode_layer reads them (detached views, no copies)."""
+        if self.config.modality_adaptive:
+            raise ValueError("Decoder.decode_layer_weights: a modality_adaptive decoder has a routed kv_proj, which "
+                             "the fused decode step does not run")  # fmt: skip
+
+        def bias(linear) -> torch.Tensor | None:
+            return None if linear.bias is None else linear.bias.detach()
+
+        return [
+            DecodeLayerWeights(
+                name=f"layers[{index}]",
+                input_norm=layer.input_norm.weight.detach(), input_norm_eps=float(layer.input_norm.eps),
+                qkv=layer.attn.qkv_proj.weight.detach(), qkv_bias=bias(layer.attn.qkv_proj),
+                o=layer.attn.o_proj.weight.detach(), o_bias=bias(layer.attn.o_proj),
+                post_norm=layer.post_attention_norm.weight.detach(), post_norm_eps=float(layer.post_attention_norm.eps),
+                gate_up=layer.mlp.gate_up_proj.weight.detach(), gate_up_bias=bias(layer.mlp.gate_up_proj),
+                down=layer.mlp.down_proj.weight.detach(), down_bias=bias(layer.mlp.down_proj),
+            )  # fmt: skip
+            for index, layer in enumerate(self.layers)
+        ]

@@ -24,7 +24,7 @@ from fastmm.models.linear import Linear
 from fastmm.models.decoder import Decoder, rope_table
 from fastmm.models.vision import AlignerMLP, VisionEncoder
 from fastmm.models.vq_tokenizer import VQTokenizer
-from fastmm.ops import _validate as val
+from fastmm import _validate as val
 
 
 class GenerationHead(nn.Module):

@@ -1,29 +1,25 @@
-"""Native (C++ / CPU) decode step of the decoder: one fastmm._C.decode_layer call per layer (csrc/decode_layer.cpp).
+"""Native (C++ / CPU) fused decode step (fastmm.ops.decode_layer): one fastmm._C.decode_layer call per layer
+(csrc/decode_layer.cpp).
 
-The Python path runs a decode step as about 18 ops per layer, each paying validation, launch and allocation:
-on CPU that costs about as much as the weight GEMMs themselves at the 8 x 512 benchmark model. A
-DecodeLayerRunner pays them once, for one (Decoder, KVCache, batch): its constructor checks every weight, the
-cache and the RoPE tables and allocates the scratch and output buffers; a step then checks in O(1) only what
-can change between steps (the input, the modality ids, the cache lengths) and makes one call per layer. It runs
-in the model's dtype (float32, bfloat16 or float16), rounding where the Python layers round.
+A DecodeLayerRunner is built once for one (layer weights, KVCache, batch): its constructor checks every weight,
+the cache and the RoPE tables and allocates the scratch and output buffers; a step then checks in O(1) only
+what can change between steps (the input, the modality ids, the cache lengths) and makes one call per layer. It
+runs in the weights' dtype (float32, bfloat16 or float16), rounding where the Python layers round.
 
-A runner holds the tensors its pointers point into, so they stay valid as long as it lives; DecodeRunners keeps
-one per live KVCache.
+A runner holds the tensors its pointers point into, so they stay valid as long as it lives;
+fastmm.ops.decode_layer.DecodeRunners keeps one per live KVCache. The layers arrive as
+fastmm.ops.decode_layer.DecodeLayerWeights (read by field name here: this module imports no op or model).
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING
+from typing import Sequence
 
 import torch
 
 from fastmm import _C
+from fastmm.kv_cache import KVCache
 from fastmm.native._shared import DTYPE_CODE, threads_for
-from fastmm.runtime.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from fastmm.models.decoder import Decoder
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -43,61 +39,58 @@ def _check(
     return t.detach()
 
 
-def _layer_weights(name: str, layer, config, dtype: torch.dtype) -> tuple[list[torch.Tensor], tuple]:
-    """(the parameters of decoder layer ``name``, checked to be ``dtype`` and detached; decode_layer's weight
+def _layer_weights(layer, widths: dict[str, int], dtype: torch.dtype) -> tuple[list[torch.Tensor], tuple]:
+    """(the tensors of one DecodeLayerWeights, checked to be ``dtype`` and detached; decode_layer's weight
     arguments: their pointers, each norm's eps after its weight, 0 for an absent bias)."""
-    H, I, M = config.hidden_size, config.intermediate_size, config.num_modalities
-    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    H, I, M, q_width, kv_width = (widths[key] for key in ("H", "I", "M", "q_width", "kv_width"))
     qkv_width = q_width + 2 * kv_width
-    attn, mlp = layer.attn, layer.mlp
-    if not hasattr(attn, "qkv_proj"):
-        raise ValueError(f"DecodeLayerRunner: {name}.attn has a routed kv_proj (modality_adaptive), which it does not run")
-    input_norm = _check(f"{name}.input_norm.weight", layer.input_norm.weight, (M, H), dtype)
-    qkv = _check(f"{name}.attn.qkv_proj.weight", attn.qkv_proj.weight, (qkv_width, H), dtype)
-    qkv_bias = _check(f"{name}.attn.qkv_proj.bias", attn.qkv_proj.bias, (qkv_width,), dtype, optional=True)
-    o = _check(f"{name}.attn.o_proj.weight", attn.o_proj.weight, (H, q_width), dtype)
-    o_bias = _check(f"{name}.attn.o_proj.bias", attn.o_proj.bias, (H,), dtype, optional=True)
-    post_norm = _check(f"{name}.post_attention_norm.weight", layer.post_attention_norm.weight, (M, H), dtype)
-    gate_up = _check(f"{name}.mlp.gate_up_proj.weight", mlp.gate_up_proj.weight, (2 * I, H), dtype)
-    gate_up_bias = _check(f"{name}.mlp.gate_up_proj.bias", mlp.gate_up_proj.bias, (2 * I,), dtype, optional=True)
-    down = _check(f"{name}.mlp.down_proj.weight", mlp.down_proj.weight, (H, I), dtype)
-    down_bias = _check(f"{name}.mlp.down_proj.bias", mlp.down_proj.bias, (H,), dtype, optional=True)
+
+    def check(field: str, shape: tuple[int, ...], optional: bool = False) -> torch.Tensor | None:
+        return _check(f"{layer.name}.{field}", getattr(layer, field), shape, dtype, optional)
+
+    input_norm, qkv, qkv_bias = check("input_norm", (M, H)), check("qkv", (qkv_width, H)), check("qkv_bias", (qkv_width,), True)
+    o, o_bias, post_norm = check("o", (H, q_width)), check("o_bias", (H,), True), check("post_norm", (M, H))
+    gate_up, gate_up_bias = check("gate_up", (2 * I, H)), check("gate_up_bias", (2 * I,), True)
+    down, down_bias = check("down", (H, I)), check("down_bias", (H,), True)
     tensors = [input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias]
-    args = (_ptr(input_norm), float(layer.input_norm.eps), _ptr(qkv), _ptr(qkv_bias), _ptr(o), _ptr(o_bias),
-            _ptr(post_norm), float(layer.post_attention_norm.eps), _ptr(gate_up), _ptr(gate_up_bias), _ptr(down),
+    args = (_ptr(input_norm), float(layer.input_norm_eps), _ptr(qkv), _ptr(qkv_bias), _ptr(o), _ptr(o_bias),
+            _ptr(post_norm), float(layer.post_norm_eps), _ptr(gate_up), _ptr(gate_up_bias), _ptr(down),
             _ptr(down_bias))  # fmt: skip
     return [t for t in tensors if t is not None], args
 
 
 class DecodeLayerRunner:
-    """Runs every layer of ``decoder`` for a decode step of ``batch`` rows (one new token each) into ``cache``:
-    ``run(embeds, modality) -> (x, residual)``, what the layer loop of Decoder.forward returns. Its dtype is the
-    decoder's (that of embed_tokens): every weight and the cache must have it."""
+    """Runs every layer of ``layers`` (DecodeLayerWeights, in order) for a decode step of ``batch`` rows (one new
+    token each) into ``cache``: ``run(embeds, modality) -> (x, residual)``, what the decoder's layer loop returns.
+    Its dtype is the first layer's q/k/v weight's: every weight and the cache must have it; the RoPE tables
+    [positions, d] are float32."""
 
-    def __init__(self, decoder: Decoder, cache: KVCache, batch: int):
-        config = decoder.config
-        dtype = decoder.embed_tokens.weight.dtype
+    def __init__(self, layers: Sequence, num_heads: int, cache: KVCache, rope_cos: torch.Tensor,
+                 rope_sin: torch.Tensor, batch: int):  # fmt: skip
+        if not layers:
+            raise ValueError("DecodeLayerRunner: layers must hold at least one layer, got none")
+        dtype = layers[0].qkv.dtype
         if dtype not in DTYPE_CODE:
-            raise ValueError(f"DecodeLayerRunner: the decoder's dtype must be float32, bfloat16 or float16, got {dtype}")
-        H, I, M = config.hidden_size, config.intermediate_size, config.num_modalities
-        Hq, Hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+            raise ValueError(f"DecodeLayerRunner: the weights' dtype must be float32, bfloat16 or float16, got {dtype}")
+        M, H = layers[0].input_norm.shape
+        I = layers[0].down.shape[1]
         if cache.k.dim() != 5 or cache.k.shape[1] != batch:
             raise ValueError(f"DecodeLayerRunner: batch must be the cache's batch, got {batch} for cache.k of shape "
                              f"{tuple(cache.k.shape)}")  # fmt: skip
-        S = cache.k.shape[3]
-        cache_shape = (len(decoder.layers), batch, Hkv, S, d)
-        positions = decoder.rope_cos.shape[0]
+        Hq, Hkv, S, d = num_heads, cache.k.shape[2], cache.k.shape[3], cache.k.shape[4]
+        cache_shape = (len(layers), batch, Hkv, S, d)
+        positions = rope_cos.shape[0]
         if S > positions:  # every position written is below S, hence a row of the tables
             raise ValueError(f"DecodeLayerRunner: cache.max_len {S} exceeds the RoPE tables' {positions} positions")
         # Every tensor a pointer points into, kept so that the pointers stay valid while the runner lives.
         self._k = _check("cache.k", cache.k, cache_shape, dtype)
         self._v = _check("cache.v", cache.v, cache_shape, dtype)
         self._lengths = _check("cache.lengths", cache.lengths, (batch,), torch.int32)
-        self._rope = (_check("decoder.rope_cos", decoder.rope_cos, (positions, d)),
-                      _check("decoder.rope_sin", decoder.rope_sin, (positions, d)))  # fmt: skip
+        self._rope = (_check("rope_cos", rope_cos, (positions, d)), _check("rope_sin", rope_sin, (positions, d)))
+        widths = {"H": H, "I": I, "M": M, "q_width": Hq * d, "kv_width": Hkv * d}
         self._weights, weight_args = [], []
-        for index, layer in enumerate(decoder.layers):
-            tensors, args = _layer_weights(f"layers[{index}]", layer, config, dtype)
+        for layer in layers:
+            tensors, args = _layer_weights(layer, widths, dtype)
             self._weights.append(tensors)
             weight_args.append(args)
         sizes = (batch, H, Hq, Hkv, d, I, S)
@@ -164,25 +157,3 @@ class DecodeLayerRunner:
             raise ValueError(f"DecodeLayerRunner.run: modality ids must be in [0, {self.num_modalities}), "
                              f"got values in [{lo}, {hi}]")  # fmt: skip
         return x, ids
-
-
-class DecodeRunners:
-    """A Decoder's runners by KVCache and batch: built on a cache's first native decode step, dropped with the
-    cache or on request (Decoder.forward drops a cache's runner when a prefill starts a new sequence in it, so
-    a runner never spans a change of weights between sequences). Copies and pickles of the model start empty:
-    a runner's pointers belong to the tensors of the model it was built for."""
-
-    def __init__(self):
-        self._by_cache: weakref.WeakKeyDictionary[KVCache, DecodeLayerRunner] = weakref.WeakKeyDictionary()
-
-    def __reduce__(self):
-        return DecodeRunners, ()
-
-    def get(self, decoder: Decoder, cache: KVCache, batch: int) -> DecodeLayerRunner:
-        runner = self._by_cache.get(cache)
-        if runner is None or runner.batch != batch:
-            runner = self._by_cache[cache] = DecodeLayerRunner(decoder, cache, batch)
-        return runner
-
-    def drop(self, cache: KVCache) -> None:
-        self._by_cache.pop(cache, None)

@@ -12,7 +12,7 @@ from torch import nn
 
 from fastmm import ops
 from fastmm.nn.norm import RoutedLinear
-from fastmm.runtime.kv_cache import KVCache
+from fastmm.kv_cache import KVCache
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

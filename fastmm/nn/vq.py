@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmm.ops.vq import vq_embed, vq_quantize
-from fastmm.reference.vq import METRICS, code_scores_inputs
+from fastmm.ops.vq import METRICS, code_scores_inputs, vq_embed, vq_quantize
 
 # transformers' quantizer classes (by name, so transformers stays optional) and whether their forward
 # returns (quantized, loss, indices) like Chameleon / Janus, or the indices alone like Emu3.

@@ -17,9 +17,19 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastmm.ops import _validate as val
+from fastmm import _validate as val
 from fastmm.ops._dispatch import kernels, use_dispatcher
 from fastmm.reference import attention as reference
+
+# The mask vocabulary and the dense attention weights, for layers above ops (the transformers integration builds
+# masks and output_attentions with them). The reference's definitions are the spec; they are re-exported here so
+# that nothing above ops imports a backend.
+MASK_FLOOR = reference.MASK_FLOOR  # float masks are clamped at it; -inf stays -inf
+floor_mask = reference.floor_mask
+dense_mask = reference.dense_mask  # [B, 1, Lq, S] bool from key ranges
+allowed_keys = reference.allowed_keys  # [B, 1, Lq, S] bool from ranges, key padding and a mask
+attention_scores = reference.attention_scores  # fp32 q k^T * scale (softcapped), autograd recorded
+attention_weights = reference.attention_weights  # softmax probabilities [B, Hq, Lq, S] (output_attentions)
 
 _FAMILY = "attention"
 

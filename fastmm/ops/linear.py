@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastmm.ops import _validate as v
+from fastmm import _validate as v
 from fastmm.ops._dispatch import kernels
 
 _FAMILY = "linear"

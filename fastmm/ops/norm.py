@@ -7,7 +7,7 @@ applies the module and scatters back. These ops read each row's modality id insi
 Each public function validates, flattens to [T, D], and calls the kernels of the chosen backend directly in
 eager inference, or the registered custom op ``fastmm::<name>`` under torch.compile and when autograd
 records (see fastmm.ops._dispatch). Modality ids are range-checked at every eager call: on the host for CPU
-tensors, by a device-side assert without a host sync on CUDA (fastmm.ops._validate.check_id_range).
+tensors, by a device-side assert without a host sync on CUDA (fastmm._validate.check_id_range).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from fastmm.ops import _validate as v
+from fastmm import _validate as v
 from fastmm.ops._dispatch import kernels, use_dispatcher
 
 _FAMILY = "norm"

@@ -9,7 +9,7 @@ to one kernel, argmin_k (codebook_sq[k] - 2 z.codes[k]) (see fastmm.reference.vq
 its strides), and calls the chosen backend's ``nearest_code`` directly in eager inference, or the custom op
 ``fastmm::vq_nearest_code`` under torch.compile. Indices carry no gradient; ``quantized`` is straight-through
 for z. The codebook's finiteness and vq_embed's index range are checked at every eager call: on the host for
-CPU tensors, by a device-side assert without a host sync on CUDA (fastmm.ops._validate).
+CPU tensors, by a device-side assert without a host sync on CUDA (fastmm._validate).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmm.ops import _validate as v
+from fastmm import _validate as v
 from fastmm.ops._dispatch import kernels
 from fastmm.reference.vq import METRICS, as_rows, code_scores_inputs
 

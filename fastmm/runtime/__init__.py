@@ -2,6 +2,6 @@
 the unified model (image tokens with classifier-free guidance, and text)."""
 
 from fastmm.runtime.generate import GeneratedImages, generate_image, generate_text
-from fastmm.runtime.kv_cache import KVCache
+from fastmm.kv_cache import KVCache
 
 __all__ = ["KVCache", "generate_image", "generate_text", "GeneratedImages"]

@@ -22,7 +22,7 @@ import torch
 
 from fastmm import ops
 from fastmm.runtime.cuda_graph import capture_step
-from fastmm.runtime.kv_cache import KVCache
+from fastmm.kv_cache import KVCache
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done, total)
 

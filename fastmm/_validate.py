@@ -1,4 +1,5 @@
-"""Input checks shared by every op. Each error names the argument, what it got and what was expected.
+"""Input checks shared by every op, the KV cache and the models (a leaf: it imports only torch). Each error names
+the argument, what it got and what was expected.
 
 Value checks (id ranges, NaN) read tensor contents, which on CUDA would cost a device-to-host sync at every
 eager call. ``value_check_mode`` decides how each one runs:

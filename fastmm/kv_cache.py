@@ -6,13 +6,16 @@
 positions given on the device too (``lengths`` itself for a decode step), so a decode step needs no host
 sync and can be captured in a CUDA graph. Rows may hold different lengths (batched prompts of different
 sizes, or the conditional and unconditional rows of classifier-free guidance).
+
+A leaf module (it imports only torch and fastmm._validate): nn's attention, the models, the runtime and the
+native decode layer all take a KVCache, and none of them may import another's layer for it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastmm.ops._validate import values_checkable
+from fastmm._validate import values_checkable
 
 
 class KVCache:
@@ -51,7 +54,7 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Write k, v [B, Hkv, T, d] of ``layer`` at positions[b] + t for t < T (positions [B] on the device).
 
-        Positions are checked against max_len on the host where fastmm.ops._validate reads values there (CPU
+        Positions are checked against max_len on the host where fastmm._validate reads values there (CPU
         tensors, or CUDA under FASTMM_CHECK_VALUES=host; never while torch.compile traces or a CUDA graph is
         captured). Otherwise on CUDA the caller keeps positions + T <= max_len, as advance() does for its own
         lengths, and the indexing kernels' own device-side asserts catch a write past the buffer."""

@@ -1,0 +1,100 @@
+"""The fused decode step: every layer of a Llama-style decoder for one new token per row, one call per layer.
+
+A decode step through separate ops pays validation, launch and allocation about 18 times per layer; on the CPU
+that costs about as much as the weight GEMMs at the 8 x 512 benchmark model. The fused step pays them once per
+(weights, KV cache, batch): a runner checks every weight, the cache and the RoPE tables when it is built and a
+step checks in O(1) only what changes between steps.
+
+Spec: the decoder's own Python layer loop (fastmm.models.decoder: norm, fused q/k/v projection, RoPE, cache
+write, decode_attention, output projection, norm, SwiGLU), which is also what runs wherever the fused step does
+not: ``DecodeRunners.get`` returns None and the caller runs its layers. Backends: native (C++, CPU, float32 /
+bfloat16 / float16: fastmm.native.decode_layer); none on the other backends, whose per-op path is the layer loop.
+It never runs while torch.compile traces (the loop is what it traces) or with autograd on.
+
+The weights cross as ``DecodeLayerWeights``, one per layer, so the backend reads no model's attribute names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Callable, Sequence
+
+import torch
+
+from fastmm.backend import choose_backend
+from fastmm.kv_cache import KVCache
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLayerWeights:
+    """One decoder layer's parameters as the fused step reads them (H hidden, M modalities, Hq / Hkv heads of
+    size d, I the MLP width); every tensor in the decoder's dtype, biases optional."""
+
+    name: str  # how errors name the layer, e.g. "layers[3]"
+    input_norm: torch.Tensor  # [M, H] RMSNorm weight per modality
+    input_norm_eps: float
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) d, H] q, k, v projections stacked
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [H, Hq d]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # [M, H]
+    post_norm_eps: float
+    gate_up: torch.Tensor  # [2 I, H] gate rows then up rows
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [H, I]
+    down_bias: torch.Tensor | None
+
+
+def fused_decode_runs(embeds: torch.Tensor) -> bool:
+    """Whether the fused step runs a decode step with these input embeddings [B, L, H]: one token per row, no
+    autograd, no torch.compile tracing, a dtype and device whose backend has the fused step (native on CPU)."""
+    return (
+        not torch.compiler.is_compiling()
+        and embeds.shape[1] == 1
+        and embeds.dtype in DTYPES
+        and not torch.is_grad_enabled()
+        and choose_backend("decode_layer", embeds.device) == "native"
+    )
+
+
+class DecodeRunners:
+    """A model's fused-step runners by KVCache: built on a cache's first fused step, dropped with the cache or on
+    request (a prefill that starts a new sequence in a cache drops its runner, so a runner never spans a change of
+    weights between sequences). Copies and pickles start empty: a runner's pointers belong to the tensors of the
+    model it was built for."""
+
+    def __init__(self):
+        self._by_cache: weakref.WeakKeyDictionary[KVCache, object] = weakref.WeakKeyDictionary()
+
+    def __reduce__(self):
+        return DecodeRunners, ()
+
+    def __len__(self) -> int:
+        return len(self._by_cache)
+
+    def get(
+        self,
+        embeds: torch.Tensor,
+        cache: KVCache,
+        layers: Callable[[], Sequence[DecodeLayerWeights]],
+        num_heads: int,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ):
+        """The runner of ``cache`` for a step on ``embeds`` [B, 1, H] (``run(embeds, modality) -> (x, residual)``),
+        or None where the fused step does not run (fused_decode_runs). ``layers`` is called only to build one."""
+        if not fused_decode_runs(embeds):
+            return None
+        batch = embeds.shape[0]
+        runner = self._by_cache.get(cache)
+        if runner is None or runner.batch != batch:
+            from fastmm.native.decode_layer import DecodeLayerRunner  # needs fastmm._C, which native has
+
+            runner = self._by_cache[cache] = DecodeLayerRunner(layers(), num_heads, cache, rope_cos, rope_sin, batch)
+        return runner
+
+    def drop(self, cache: KVCache) -> None:
+        self._by_cache.pop(cache, None)
