@@ -9,7 +9,7 @@ from conftest import backend_cases
 
 import fastmm
 from fastmm.nn import ModalityAttention
-from fastmm.nn.attention import apply_rope, rope_cos_sin
+from fastmm.nn.rope import apply_rope, rope_cos_sin
 from fastmm.reference import attention as ref
 from fastmm.runtime import KVCache
 

@@ -20,19 +20,9 @@ from fastmm import ops
 from fastmm.kv_cache import KVCache
 from fastmm.models.config import UnifiedConfig
 from fastmm.models.linear import Linear
-from fastmm.nn.attention import apply_rope
 from fastmm.nn.norm import ModalityRMSNorm, RoutedLinear
+from fastmm.nn.rope import apply_rope, rope_table
 from fastmm.ops.decode_layer import DecodeLayerWeights, DecodeRunners
-
-
-def rope_table(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_positions, head_dim] fp32, Llama convention (frequency i pairs dims i and i + d/2), with
-    transformers' exact arithmetic so that fp32 results match it bit for bit: 1 / theta^(2i/d), then
-    position * inv_freq."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angles = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
 
 
 def norm_with_residual(

@@ -1,4 +1,4 @@
-"""ModalityAttention: mPLUG-Owl2's attention block on fastmm ops, with Llama-convention RoPE.
+"""ModalityAttention: mPLUG-Owl2's attention block on fastmm ops, with Llama-convention RoPE (fastmm.nn.rope).
 
 Q is shared by every modality; K and V go through routed_linear (one projection per modality, the
 "modality-adaptive" part); prefill runs span_attention over key ranges, decoding runs decode_attention
@@ -12,24 +12,8 @@ from torch import nn
 
 from fastmm import ops
 from fastmm.nn.norm import RoutedLinear
+from fastmm.nn.rope import apply_rope, rope_cos_sin
 from fastmm.kv_cache import KVCache
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, L, head_dim] (fp32) for integer positions [B, L], Llama convention: frequency i pairs
-    dimension i with dimension i + head_dim / 2."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, L, d/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, L, d)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, d] rotated by (cos, sin) [B, 1, L, d]; math in fp32, result in x's dtype."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 class ModalityAttention(nn.Module):
