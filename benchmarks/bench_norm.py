@@ -30,10 +30,3 @@ def _run(benchmark, case, provider: str) -> None:
 def test_norm(benchmark, op, tokens, dtype, provider):
     case = suite.norm_case(op, tokens, 4096, dtype, DEVICE, compile=provider == "torch_compile")
     _run(benchmark, case, provider)
-
-
-@pytest.mark.parametrize("provider", ["fastmm", "mplug_owl2", "torch"])
-@DTYPES
-@pytest.mark.parametrize("tokens", [128, 2048], ids=lambda t: f"T{t}")
-def test_routed_linear(benchmark, tokens, dtype, provider):
-    _run(benchmark, suite.routed_linear_case(tokens, 4096, dtype, DEVICE), provider)

@@ -54,26 +54,6 @@ def test_layer_norm_bad_bias():
         ops.modality_layer_norm(x, modality, weight, torch.randn(8))
 
 
-BAD_ROUTED_INPUTS = [
-    ("weight 2-D", dict(weight=torch.randn(4, 8)), ValueError, ["weight", "3-D", "[M, N, K]"]),
-    ("K mismatch", dict(weight=torch.randn(2, 4, 9)), ValueError, ["weight", "K = x.shape[-1] = 8"]),
-    ("bias shape", dict(bias=torch.randn(2, 5)), ValueError, ["bias", "(2, 4)"]),
-    ("float ids", dict(modality=torch.zeros(6)), TypeError, ["modality", "integer"]),
-    ("id out of range", dict(modality=torch.full((6,), 2)), ValueError, ["modality", "[0, 2)"]),
-    ("modality shape", dict(modality=torch.zeros(2, 3, dtype=torch.long)), ValueError, ["modality", "(6,)"]),
-]
-
-
-@pytest.mark.parametrize("label,change,exc,words", BAD_ROUTED_INPUTS, ids=[c[0] for c in BAD_ROUTED_INPUTS])
-def test_routed_linear_bad_input(label, change, exc, words):
-    args = {"x": torch.randn(6, 8), "modality": torch.tensor([0, 1] * 3), "weight": torch.randn(2, 4, 8)}
-    args.update(change)
-    with pytest.raises(exc) as info:
-        ops.routed_linear(**args)
-    for word in words:
-        assert word in str(info.value), f"{label}: message {str(info.value)!r} lacks {word!r}"
-
-
 def _opcheck_cases(device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(10, 24, generator=gen).to(device).requires_grad_()
@@ -81,16 +61,12 @@ def _opcheck_cases(device):
     modality = torch.tensor([0, 0, 1, 1, 1, 0, 2, 2, 0, 1], device=device)
     weight = torch.randn(3, 24, generator=gen).to(device).requires_grad_()
     bias = torch.randn(3, 24, generator=gen).to(device).requires_grad_()
-    linear_weight = torch.randn(3, 7, 24, generator=gen).to(device).requires_grad_()
-    linear_bias = torch.randn(3, 7, generator=gen).to(device).requires_grad_()
     op = torch.ops.fastmm
     return [
         (op.modality_rms_norm.default, (x, modality, weight, None, 1e-6)),
         (op.modality_rms_norm.default, (x, modality, weight, residual, 1e-6)),
         (op.modality_layer_norm.default, (x, modality, weight, bias, None, 1e-5)),
         (op.modality_layer_norm.default, (x, modality, weight, None, residual, 1e-5)),
-        (op.routed_linear.default, (x, modality, linear_weight, linear_bias)),
-        (op.routed_linear.default, (x, modality, linear_weight, None)),
     ]
 
 
@@ -101,10 +77,10 @@ def test_opcheck(backend, device):
             torch.library.opcheck(op, args)
 
 
-def _mplug_block(x, modality, norm_weight, linear_weight, residual):
-    """A slice of an mPLUG-Owl2 layer: fused add + modality norm, then a routed K projection."""
+def _norm_block(x, modality, norm_weight, residual):
+    """Fused add + modality RMSNorm (an mPLUG-Owl2 layer's input norm), then a modality LayerNorm of its output."""
     h, residual = ops.modality_rms_norm(x, modality, norm_weight, 1e-6, residual)
-    return ops.routed_linear(h, modality, linear_weight) + ops.modality_layer_norm(h, modality, norm_weight), residual
+    return ops.modality_layer_norm(h, modality, norm_weight), residual
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
@@ -117,20 +93,19 @@ def test_compile_fullgraph(backend, device):
     residual = torch.randn(2, 9, 16, generator=gen).to(device)
     modality = torch.randint(0, 2, (2, 9), generator=gen).to(device)
     norm_weight = torch.randn(2, 16, generator=gen).to(device).requires_grad_()
-    linear_weight = torch.randn(2, 16, 16, generator=gen).to(device).requires_grad_()
     with fastmm.use_backend(backend):
-        compiled = torch.compile(_mplug_block, fullgraph=True, backend="aot_eager")
-        out, new_residual = compiled(x, modality, norm_weight, linear_weight, residual)
+        compiled = torch.compile(_norm_block, fullgraph=True, backend="aot_eager")
+        out, new_residual = compiled(x, modality, norm_weight, residual)
         out.sum().backward()
-    grads = (norm_weight.grad.clone(), linear_weight.grad.clone())
-    norm_weight.grad = linear_weight.grad = None
+    grad = norm_weight.grad.clone()
+    norm_weight.grad = None
 
     h, expected_residual = ref.modality_rms_norm(x, modality, norm_weight, 1e-6, residual)
-    expected = ref.routed_linear(h, modality, linear_weight) + ref.modality_layer_norm(h, modality, norm_weight)
+    expected = ref.modality_layer_norm(h, modality, norm_weight)
     expected.sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(new_residual, expected_residual)
-    torch.testing.assert_close(grads, (norm_weight.grad, linear_weight.grad), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, norm_weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_compile_inductor_inference():

@@ -20,7 +20,8 @@ from fastmm import ops
 from fastmm.kv_cache import KVCache
 from fastmm.models.config import UnifiedConfig
 from fastmm.models.linear import Linear
-from fastmm.nn.norm import ModalityRMSNorm, RoutedLinear
+from fastmm.nn.norm import ModalityRMSNorm
+from fastmm.nn.routed_linear import RoutedLinear
 from fastmm.nn.rope import apply_rope, rope_table
 from fastmm.ops.decode_layer import DecodeLayerWeights, DecodeRunners
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastmm import ops
-from fastmm.nn.norm import RoutedLinear
+from fastmm.nn.routed_linear import RoutedLinear
 from fastmm.nn.rope import apply_rope, rope_cos_sin
 from fastmm.kv_cache import KVCache
 

@@ -4,7 +4,8 @@ Each is also registered as ``torch.ops.fastmm.<name>`` for torch.compile and aut
 
 from fastmm.ops.attention import decode_attention, key_ranges, span_attention
 from fastmm.ops.linear import linear
-from fastmm.ops.norm import modality_layer_norm, modality_rms_norm, routed_linear
+from fastmm.ops.norm import modality_layer_norm, modality_rms_norm
+from fastmm.ops.routed_linear import routed_linear
 from fastmm.ops.sampling import cfg_sample
 from fastmm.ops.vq import vq_embed, vq_quantize
 

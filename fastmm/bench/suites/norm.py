@@ -1,9 +1,8 @@
-"""Suite `norm`: modality-adaptive RMSNorm / LayerNorm and routed linear (mPLUG-Owl2), forward.
+"""Suite `norm`: modality-adaptive RMSNorm / LayerNorm (mPLUG-Owl2), forward.
 
 Rows follow mPLUG-Owl2's prefill layout: text runs of random length (8..128 tokens) with a 65-token image
 span after each, so both modalities interleave at real span lengths (about 45% image rows). Every case
-times fastmm and its baselines on the same tensors; norms move x in, y out and the [2, D] parameters,
-routed_linear does 2*T*N*K FLOPs.
+times fastmm and its baselines on the same tensors; norms move x in, y out and the [2, D] parameters.
 """
 
 from __future__ import annotations
@@ -126,55 +125,17 @@ def norm_case(op: str, tokens: int, dim: int, dtype: torch.dtype, device: torch.
     )
 
 
-def routed_linear_case(tokens: int, dim: int, dtype: torch.dtype, device: torch.device) -> Case:
-    """routed_linear at x [tokens, K=dim], weight [2, N=dim, K=dim], no bias (mPLUG-Owl2's K / V projections).
-    N = K because the recipe, like mPLUG-Owl2, writes into empty_like(x)."""
-    size = torch.finfo(dtype).bits // 8
-    # read x and both weights once, write y, read the ids
-    traffic = 2 * tokens * dim * size + MODALITIES * dim * dim * size + tokens * 8
-
-    def setup() -> list[Provider]:
-        generator = torch.Generator().manual_seed(tokens * 7919 + dim)
-        x = torch.randn(tokens, dim, generator=generator).to(device, dtype)
-        modality = modality_layout(tokens).to(device)
-        weight = (torch.randn(MODALITIES, dim, dim, generator=generator) / dim**0.5).to(device, dtype)
-        linears = []
-        for m in range(MODALITIES):
-            linear = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype).requires_grad_(False)
-            linear.weight.copy_(weight[m])
-            linears.append(linear)
-        recipe = MultiwayNetwork(linears)
-        w0 = weight[0]
-        backend = choose_backend("routed_linear", device)
-        return [
-            Provider("fastmm", lambda: fastmm.ops.routed_linear(x, modality, weight), backend=backend),
-            Provider("mplug_owl2", lambda: recipe(x, modality), graph_safe=False, note="nonzero per modality"),
-            Provider("torch", lambda: F.linear(x, w0), same_result=False, note="one dense GEMM, same FLOPs"),
-        ]
-
-    return Case(
-        op="routed_linear",
-        shape={"T": tokens, "K": dim, "N": dim},
-        dtype=dtype,
-        bytes=traffic,
-        flops=2 * tokens * dim * dim,
-        bound="compute",
-        setup=setup,
-        decode_size=tokens <= 128,
-    )
-
-
 PROVIDERS = {
     "fastmm": "fastmm.ops with the device's default backend (native on CPU, triton on CUDA); the backend that "
     "actually ran is shown next to it",
     "mplug_owl2": "the recipe fastmm replaces: mPLUG-Owl2's MultiwayNetwork (nonzero per modality, gather, one "
-    "nn.RMSNorm / nn.LayerNorm / nn.Linear per modality, scatter into an empty_like output)",
-    "torch": "one torch op with one weight over all rows (F.rms_norm / F.layer_norm / F.linear). It ignores "
-    "modality, so its result differs; it is the floor of what torch offers, the time to beat without routing",
-    "copy": "norms only: x copied into a kept [T, D] buffer (copy_), the same bytes as the norm with no math: "
-    "the roofline of this very shape, timed in the same rounds (a ratio `vs copy` of 1 means copy speed)",
-    "torch_compile": "norms only: torch.compile(dynamic=False) of fastmm.reference.norm, compiled per case (about "
-    "1 s each after a one-time ~15 s inductor start on 2 cores); compile time is not in the figure",
+    "nn.RMSNorm / nn.LayerNorm per modality, scatter into an empty_like output)",
+    "torch": "one torch op with one weight over all rows (F.rms_norm / F.layer_norm). It ignores modality, so its "
+    "result differs; it is the floor of what torch offers, the time to beat without routing",
+    "copy": "x copied into a kept [T, D] buffer (copy_), the same bytes as the norm with no math: the roofline "
+    "of this very shape, timed in the same rounds (a ratio `vs copy` of 1 means copy speed)",
+    "torch_compile": "torch.compile(dynamic=False) of fastmm.reference.norm, compiled per case (about 1 s each "
+    "after a one-time ~15 s inductor start on 2 cores); compile time is not in the figure",
 }
 
 
@@ -186,20 +147,15 @@ PROVIDERS = {
         Target("modality_rms_norm", {"T": 8192, "D": 4096}, "pct_of_peak", 60, "native"),
         Target("modality_rms_norm", {"T": 8192, "D": 4096}, "speedup:torch", 5, "native"),
         Target("modality_rms_norm", {"T": 8192, "D": 4096}, "speedup:mplug_owl2", 10, "native"),
-        Target("routed_linear", {"T": 8192, "K": 4096}, "speedup:torch", 0.9, "native"),
-        Target("routed_linear", {"T": 8192, "K": 4096}, "speedup:mplug_owl2", 1.5, "native"),
     ),
 )
 def cases(device: torch.device, quick: bool) -> list[Case]:
     """The full grid (D in {1024, 4096}, T in {128, 2048, 8192}), or tiny shapes without torch.compile for a
     smoke test (--quick: seconds, where inductor alone would take 15 s to start)."""
-    norm_shapes = [(100, 256), (300, 256)] if quick else [(t, d) for d in (1024, 4096) for t in (128, 2048, 8192)]
-    linear_shapes = [(100, 128)] if quick else [(128, 1024), (128, 4096), (2048, 1024), (2048, 4096), (8192, 4096)]
-    found = [
+    shapes = [(100, 256), (300, 256)] if quick else [(t, d) for d in (1024, 4096) for t in (128, 2048, 8192)]
+    return [
         norm_case(op, tokens, dim, dtype, device, compile=not quick)
         for op in ("modality_rms_norm", "modality_layer_norm")
-        for tokens, dim in norm_shapes
+        for tokens, dim in shapes
         for dtype in DTYPES
     ]
-    found += [routed_linear_case(tokens, dim, dtype, device) for tokens, dim in linear_shapes for dtype in DTYPES]
-    return found
