@@ -119,7 +119,7 @@ def forward_case(model_type: str, decoder: dict, length: int, device: torch.devi
         "sdpa": "the same decoder unpatched: transformers' sdpa attention, RMSNorm and nn.Linear",
     },
     targets=(
-        Target("janus_image_tokens", {"layers": 8, "hidden": 512}, "speedup:transformers", 5, "native"),
+        Target("janus_image_tokens", {"layers": 2, "hidden": 64}, "speedup:transformers", 5, "native"),
         Target("llama_forward", {"layers": 4, "hidden": 1024}, "speedup:sdpa", 1, "native"),
         Target("qwen2_forward", {"layers": 4, "hidden": 1024}, "speedup:sdpa", 1, "native"),
     ),
