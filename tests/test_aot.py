@@ -22,7 +22,7 @@ KERNELS = aot.registered_kernels()
 
 def test_every_family_registers_kernels():
     modules = {entry.kernel.fn.__module__ for entry in KERNELS}
-    families = ("norm", "routed_linear", "attention", "vq", "linear", "sampling")
+    families = ("norm", "routed_linear", "span_attention", "decode_attention", "vq", "linear", "sampling")
     missing = [family for family in families if f"fastmm.triton.{family}" not in modules]
     assert not missing, f"families without AOT kernels: {missing}; registered modules: {sorted(modules)}"
 

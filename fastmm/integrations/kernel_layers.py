@@ -15,6 +15,7 @@ fastmm.integrations.patch, which reads the module's own Parameters and fastmm's 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 from torch import nn
@@ -54,11 +55,7 @@ def kernel_layer_kind(module: nn.Module) -> str | None:
     """The swap kind of ``module``'s kernel-aware class (its ``kernel_layer_name``), or None: no mark, no mapping,
     or no ``kernels``."""
     kind = KERNEL_LAYER_KINDS.get(getattr(type(module), "kernel_layer_name", None))
-    if kind is None:
-        return None
-    try:
-        import kernels  # noqa: F401
-    except ImportError:
+    if kind is None or importlib.util.find_spec("kernels") is None:
         return None
     return kind
 
