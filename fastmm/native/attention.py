@@ -14,18 +14,7 @@ from __future__ import annotations
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE, threads_for
-
-
-def _check_buffers(**buffers: tuple[torch.Tensor, tuple[int, ...], torch.dtype]) -> None:
-    """Last guard before raw pointers reach C++: each tensor is contiguous on the CPU with the given shape and
-    dtype."""
-    for name, (t, shape, dtype) in buffers.items():
-        if t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(
-                f"native attention kernel: {name} must be a contiguous CPU {dtype} tensor of shape {shape}, got "
-                f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()} on {t.device}"
-            )
+from fastmm.native._shared import DTYPE_CODE, check_contiguous, threads_for
 
 
 def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -62,7 +51,7 @@ def _masking_buffers(
         else:
             bias = mask.contiguous()
             buffers["mask"] = (bias, (batch, num_queries, num_keys), torch.float32)
-    _check_buffers(**buffers)
+    check_contiguous("attention", **buffers)
     return key_keep, allowed, bias
 
 
@@ -90,8 +79,9 @@ def span_attention_fwd(
     q, k, v, kv_start, kv_end = (t.contiguous() for t in (q, k, v, kv_start, kv_end))
     B, Hq, L, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    _check_buffers(q=(q, (B, Hq, L, d), q.dtype), k=(k, (B, Hkv, S, d), q.dtype), v=(v, (B, Hkv, S, d), q.dtype),
-                   kv_start=(kv_start, (B, L), torch.int32), kv_end=(kv_end, (B, L), torch.int32))  # fmt: skip
+    check_contiguous("attention", q=(q, (B, Hq, L, d), q.dtype), k=(k, (B, Hkv, S, d), q.dtype),
+                     v=(v, (B, Hkv, S, d), q.dtype), kv_start=(kv_start, (B, L), torch.int32),
+                     kv_end=(kv_end, (B, L), torch.int32))  # fmt: skip
     key_keep, allowed, bias = _masking_buffers(key_keep, mask, B, L, S)
     if kv_start.numel() and (kv_start.min() < 0 or kv_end.max() > S or bool((kv_end < kv_start).any())):
         raise ValueError(f"native attention kernel: key ranges must satisfy 0 <= kv_start <= kv_end <= S = {S}")
@@ -128,8 +118,8 @@ def decode_attention_fwd(
     q, k_cache, v_cache, cache_len = (t.contiguous() for t in (q, k_cache, v_cache, cache_len))
     B, Hq, Lq, d = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    _check_buffers(q=(q, (B, Hq, Lq, d), q.dtype), k_cache=(k_cache, (B, Hkv, S, d), q.dtype),
-                   v_cache=(v_cache, (B, Hkv, S, d), q.dtype), cache_len=(cache_len, (B,), torch.int32))  # fmt: skip
+    check_contiguous("attention", q=(q, (B, Hq, Lq, d), q.dtype), k_cache=(k_cache, (B, Hkv, S, d), q.dtype),
+                     v_cache=(v_cache, (B, Hkv, S, d), q.dtype), cache_len=(cache_len, (B,), torch.int32))  # fmt: skip
     _, allowed, bias = _masking_buffers(None, mask, B, Lq, S)
     lo, hi = (int(bound) for bound in torch.aminmax(cache_len)) if cache_len.numel() else (Lq, S)
     if lo < Lq or hi > S:

@@ -19,11 +19,7 @@ import torch
 
 from fastmm import _C
 from fastmm.kv_cache import KVCache
-from fastmm.native._shared import DTYPE_CODE, threads_for
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+from fastmm.native._shared import DTYPE_CODE, ptr, threads_for
 
 
 def _check(
@@ -53,9 +49,9 @@ def _layer_weights(layer, widths: dict[str, int], dtype: torch.dtype) -> tuple[l
     gate_up, gate_up_bias = check("gate_up", (2 * I, H)), check("gate_up_bias", (2 * I,), True)
     down, down_bias = check("down", (H, I)), check("down_bias", (H,), True)
     tensors = [input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias]
-    args = (_ptr(input_norm), float(layer.input_norm_eps), _ptr(qkv), _ptr(qkv_bias), _ptr(o), _ptr(o_bias),
-            _ptr(post_norm), float(layer.post_norm_eps), _ptr(gate_up), _ptr(gate_up_bias), _ptr(down),
-            _ptr(down_bias))  # fmt: skip
+    args = (ptr(input_norm), float(layer.input_norm_eps), ptr(qkv), ptr(qkv_bias), ptr(o), ptr(o_bias),
+            ptr(post_norm), float(layer.post_norm_eps), ptr(gate_up), ptr(gate_up_bias), ptr(down),
+            ptr(down_bias))  # fmt: skip
     return [t for t in tensors if t is not None], args
 
 

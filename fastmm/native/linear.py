@@ -9,13 +9,11 @@ past it.
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import torch
 import torch.nn.functional as F
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE
+from fastmm.native._shared import DTYPE_CODE, fail, inside_storage
 
 # Rows of x up to which the skinny kernel runs: every decode step (one row per sequence, two per sequence with
 # classifier-free guidance, up to 16 sequences). It marks the end of decode sizes, not a measured crossover: on
@@ -30,38 +28,23 @@ SKINNY_MAX_ROWS = 16
 SKINNY_MAX_ROWS_BF16 = 4
 
 
-def _fail(name: str, expected: str, t: torch.Tensor) -> NoReturn:
-    raise ValueError(
-        f"native linear kernel: {name} must be {expected}, got {t.dtype} shape {tuple(t.shape)} "
-        f"strides {t.stride()} on {t.device}"
-    )
-
-
-def _inside_storage(t: torch.Tensor, rows: int, row_stride: int, cols: int) -> bool:
-    """Whether every element of the 2-D t (unit stride along its cols) lies inside its storage."""
-    if rows == 0 or cols == 0:
-        return True
-    last = t.storage_offset() + (rows - 1) * row_stride + cols - 1
-    return (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
-
-
 def _check_buffers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Last guard before raw pointers reach C++: x [M, K] and weight [N, K] CPU tensors of one supported dtype,
     unit stride along K, non-negative row strides, every row inside its storage; bias None or [N] contiguous
     in that dtype. Written for speed (about 2 us): at decode sizes it runs once per projection per token."""
     if not x.is_cpu or x.dim() != 2 or x.dtype not in DTYPE_CODE:
-        _fail("x", "a [M, K] CPU float32, float16 or bfloat16 tensor", x)
-    (M, K), (x_row_stride, x_col_stride) = x.shape, x.stride()
-    if (K > 1 and x_col_stride != 1) or x_row_stride < 0 or not _inside_storage(x, M, x_row_stride, K):
-        _fail("x", "rows with unit stride along K inside its storage", x)
+        fail("linear", "x", "a [M, K] CPU float32, float16 or bfloat16 tensor", x)
+    K, (x_row_stride, x_col_stride) = x.shape[1], x.stride()
+    if (K > 1 and x_col_stride != 1) or x_row_stride < 0 or not inside_storage(x):
+        fail("linear", "x", "rows with unit stride along K inside its storage", x)
     if not weight.is_cpu or weight.dtype != x.dtype or weight.dim() != 2 or weight.shape[1] != K:
-        _fail("weight", f"a [N, K = {K}] CPU {x.dtype} tensor", weight)
+        fail("linear", "weight", f"a [N, K = {K}] CPU {x.dtype} tensor", weight)
     N, (w_row_stride, w_col_stride) = weight.shape[0], weight.stride()
-    if (K > 1 and w_col_stride != 1) or w_row_stride < 0 or not _inside_storage(weight, N, w_row_stride, K):
-        _fail("weight", "rows with unit stride along K inside its storage", weight)
+    if (K > 1 and w_col_stride != 1) or w_row_stride < 0 or not inside_storage(weight):
+        fail("linear", "weight", "rows with unit stride along K inside its storage", weight)
     if bias is not None and (not bias.is_cpu or bias.dtype != x.dtype or bias.shape != (N,)
                              or not bias.is_contiguous()):  # fmt: skip
-        _fail("bias", f"None or a contiguous CPU {x.dtype} tensor of shape ({N},)", bias)
+        fail("linear", "bias", f"None or a contiguous CPU {x.dtype} tensor of shape ({N},)", bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE, threads_for
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+from fastmm.native._shared import DTYPE_CODE, check_contiguous, ptr, threads_for
 
 
 def _like_or_none(x: torch.Tensor, present: bool) -> torch.Tensor | None:
@@ -29,19 +25,6 @@ def _check_modality(modality: torch.Tensor, num_modalities: int) -> None:
             f"native norm kernel: modality ids must be in [0, {num_modalities}), got values in "
             f"[{int(modality.min())}, {int(modality.max())}]"
         )
-
-
-def _check_buffers(**buffers: tuple[torch.Tensor | None, tuple[int, ...], torch.dtype]) -> None:
-    """Last guard before raw pointers reach C++: each present tensor is contiguous on the CPU with the given
-    shape and dtype, so the kernels cannot read or write out of bounds even when called past fastmm.ops."""
-    for name, (t, shape, dtype) in buffers.items():
-        if t is None:
-            continue
-        if t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(
-                f"native norm kernel: {name} must be a contiguous CPU {dtype} tensor of shape {shape}, got "
-                f"{t.dtype} shape {tuple(t.shape)} strides {t.stride()} on {t.device}"
-            )
 
 
 # ---- norms ----------------------------------------------------------------------------------------------
@@ -61,16 +44,16 @@ def rms_norm_fwd(
     """
     T, D = x.shape
     M = weight.shape[0]
-    _check_buffers(x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64), weight=(weight, (M, D), x.dtype),
-                   residual=(residual, (T, D), x.dtype))  # fmt: skip
+    check_contiguous("norm", x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64),
+                     weight=(weight, (M, D), x.dtype), residual=(residual, (T, D), x.dtype))  # fmt: skip
     _check_modality(modality, M)
     y = torch.empty_like(x)
     residual_out = _like_or_none(x, residual is not None)
     rstd = torch.empty(T, dtype=torch.float32)
     if T:
         _C.rms_norm_fwd(
-            x.data_ptr(), modality.data_ptr(), weight.data_ptr(), _ptr(residual), y.data_ptr(),
-            _ptr(residual_out), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype], threads_for(T * D),
+            x.data_ptr(), modality.data_ptr(), weight.data_ptr(), ptr(residual), y.data_ptr(),
+            ptr(residual_out), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype], threads_for(T * D),
         )  # fmt: skip
     return y, residual_out, rstd
 
@@ -91,15 +74,15 @@ def rms_norm_bwd(
     """
     T, D = x_in.shape
     M = weight.shape[0]
-    _check_buffers(dy=(dy, (T, D), x_in.dtype), dresidual_out=(dresidual_out, (T, D), x_in.dtype),
-                   x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
-                   weight=(weight, (M, D), x_in.dtype), rstd=(rstd, (T,), torch.float32))  # fmt: skip
+    check_contiguous("norm", dy=(dy, (T, D), x_in.dtype), dresidual_out=(dresidual_out, (T, D), x_in.dtype),
+                     x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
+                     weight=(weight, (M, D), x_in.dtype), rstd=(rstd, (T,), torch.float32))  # fmt: skip
     _check_modality(modality, M)
     dx = torch.empty_like(x_in)
     dweight = torch.zeros(M, D, dtype=torch.float32)
     if T:
         _C.rms_norm_bwd(
-            dy.data_ptr(), _ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
+            dy.data_ptr(), ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
             rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), T, D, M, DTYPE_CODE[x_in.dtype],
             torch.get_num_threads(),
         )  # fmt: skip
@@ -121,8 +104,9 @@ def layer_norm_fwd(
     """
     T, D = x.shape
     M = weight.shape[0]
-    _check_buffers(x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64), weight=(weight, (M, D), x.dtype),
-                   bias=(bias, (M, D), x.dtype), residual=(residual, (T, D), x.dtype))  # fmt: skip
+    check_contiguous("norm", x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64),
+                     weight=(weight, (M, D), x.dtype), bias=(bias, (M, D), x.dtype),
+                     residual=(residual, (T, D), x.dtype))  # fmt: skip
     _check_modality(modality, M)
     y = torch.empty_like(x)
     residual_out = _like_or_none(x, residual is not None)
@@ -130,8 +114,8 @@ def layer_norm_fwd(
     rstd = torch.empty(T, dtype=torch.float32)
     if T:
         _C.layer_norm_fwd(
-            x.data_ptr(), modality.data_ptr(), weight.data_ptr(), _ptr(bias), _ptr(residual), y.data_ptr(),
-            _ptr(residual_out), mean.data_ptr(), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype],
+            x.data_ptr(), modality.data_ptr(), weight.data_ptr(), ptr(bias), ptr(residual), y.data_ptr(),
+            ptr(residual_out), mean.data_ptr(), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype],
             torch.get_num_threads(),
         )  # fmt: skip
     return y, residual_out, mean, rstd
@@ -154,18 +138,18 @@ def layer_norm_bwd(
     """
     T, D = x_in.shape
     M = weight.shape[0]
-    _check_buffers(dy=(dy, (T, D), x_in.dtype), dresidual_out=(dresidual_out, (T, D), x_in.dtype),
-                   x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
-                   weight=(weight, (M, D), x_in.dtype), mean=(mean, (T,), torch.float32),
-                   rstd=(rstd, (T,), torch.float32))  # fmt: skip
+    check_contiguous("norm", dy=(dy, (T, D), x_in.dtype), dresidual_out=(dresidual_out, (T, D), x_in.dtype),
+                     x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
+                     weight=(weight, (M, D), x_in.dtype), mean=(mean, (T,), torch.float32),
+                     rstd=(rstd, (T,), torch.float32))  # fmt: skip
     _check_modality(modality, M)
     dx = torch.empty_like(x_in)
     dweight = torch.zeros(M, D, dtype=torch.float32)
     dbias = torch.zeros(M, D, dtype=torch.float32) if has_bias else None
     if T:
         _C.layer_norm_bwd(
-            dy.data_ptr(), _ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
-            mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), _ptr(dbias), T, D, M,
+            dy.data_ptr(), ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
+            mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), ptr(dbias), T, D, M,
             DTYPE_CODE[x_in.dtype], torch.get_num_threads(),
         )  # fmt: skip
     return dx, dweight, dbias

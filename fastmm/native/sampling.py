@@ -8,19 +8,10 @@ checks here only keep raw pointers in bounds when the kernel is called past it.
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE, threads_for
-
-
-def _fail(name: str, expected: str, t: torch.Tensor) -> NoReturn:
-    raise ValueError(
-        f"native sampling kernel: {name} must be {expected}, got {t.dtype} shape {tuple(t.shape)} "
-        f"strides {t.stride()} on {t.device}"
-    )
+from fastmm.native._shared import DTYPE_CODE, fail, inside_storage, threads_for
 
 
 def _check_buffers(logits: torch.Tensor, groups: int, offset: torch.Tensor | None, out: torch.Tensor | None) -> None:
@@ -28,21 +19,20 @@ def _check_buffers(logits: torch.Tensor, groups: int, offset: torch.Tensor | Non
     unit stride along V and rows apart by at least V, every row inside its storage; offset one int64 on the
     CPU; out [B] contiguous int64 on the CPU. (is_cpu rather than device.type: this runs every decode step.)"""
     if not logits.is_cpu or logits.dim() != 2 or logits.dtype not in DTYPE_CODE:
-        _fail("logits", "a [G*B, V] CPU float32, float16 or bfloat16 tensor", logits)
+        fail("sampling", "logits", "a [G*B, V] CPU float32, float16 or bfloat16 tensor", logits)
     (rows, vocab), (row_stride, col_stride) = logits.shape, logits.stride()
     if not 1 <= groups <= 3 or rows < groups or rows % groups or not 1 <= vocab < 2**31:
-        _fail("logits", f"[G*B, V] with G = {groups}, B >= 1 and 1 <= V < 2^31", logits)
+        fail("sampling", "logits", f"[G*B, V] with G = {groups}, B >= 1 and 1 <= V < 2^31", logits)
     if col_stride != 1 or (rows > 1 and row_stride < vocab):
-        _fail("logits", "rows with unit stride along V, at least V elements apart", logits)
-    last = logits.storage_offset() + (rows - 1) * row_stride + vocab
-    if last * logits.element_size() > logits.untyped_storage().nbytes():
-        _fail("logits", "a view inside its storage", logits)
+        fail("sampling", "logits", "rows with unit stride along V, at least V elements apart", logits)
+    if not inside_storage(logits):
+        fail("sampling", "logits", "a view inside its storage", logits)
     if offset is not None and (not offset.is_cpu or offset.dtype != torch.int64 or offset.numel() != 1):
-        _fail("offset", "one int64 on the CPU", offset)
+        fail("sampling", "offset", "one int64 on the CPU", offset)
     batch = rows // groups
     if out is not None and (not out.is_cpu or out.dtype != torch.int64 or out.shape != (batch,)
                             or not out.is_contiguous()):  # fmt: skip
-        _fail("out", f"a contiguous CPU int64 tensor of shape ({batch},)", out)
+        fail("sampling", "out", f"a contiguous CPU int64 tensor of shape ({batch},)", out)
 
 
 def cfg_sample(

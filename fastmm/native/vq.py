@@ -8,19 +8,10 @@ only keep raw pointers in bounds when the kernel is called past it.
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE
-
-
-def _fail(name: str, expected: str, t: torch.Tensor) -> NoReturn:
-    raise ValueError(
-        f"native vq kernel: {name} must be {expected}, got {t.dtype} shape {tuple(t.shape)} "
-        f"strides {t.stride()} on {t.device}"
-    )
+from fastmm.native._shared import DTYPE_CODE, fail, inside_storage
 
 
 def _check_buffers(z: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor) -> None:
@@ -28,22 +19,20 @@ def _check_buffers(z: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.T
     it addresses through its strides inside its storage; codebook [K, D] contiguous in z's dtype with K >= 1;
     codebook_sq [K] contiguous float32."""
     if z.device.type != "cpu" or z.dim() != 3 or z.dtype not in DTYPE_CODE:
-        _fail("z", "a [B, S, D] CPU float32, float16 or bfloat16 tensor", z)
+        fail("vq", "z", "a [B, S, D] CPU float32, float16 or bfloat16 tensor", z)
     if any(s < 0 for s in z.stride()):
-        _fail("z", "strided with non-negative strides", z)
-    if z.numel():
-        last = z.storage_offset() + sum((n - 1) * s for n, s in zip(z.shape, z.stride()))
-        if (last + 1) * z.element_size() > z.untyped_storage().nbytes():
-            _fail("z", "a view inside its storage", z)
+        fail("vq", "z", "strided with non-negative strides", z)
+    if not inside_storage(z):
+        fail("vq", "z", "a view inside its storage", z)
     D = z.shape[2]
     if codebook.device.type != "cpu" or not codebook.is_contiguous() or codebook.dtype != z.dtype:
-        _fail("codebook", f"a contiguous CPU {z.dtype} tensor", codebook)
+        fail("vq", "codebook", f"a contiguous CPU {z.dtype} tensor", codebook)
     if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] != D:
-        _fail("codebook", f"[K, D] with K >= 1 and D = z.shape[2] = {D}", codebook)
+        fail("vq", "codebook", f"[K, D] with K >= 1 and D = z.shape[2] = {D}", codebook)
     K = codebook.shape[0]
     if (codebook_sq.device.type != "cpu" or not codebook_sq.is_contiguous() or codebook_sq.dtype != torch.float32
             or tuple(codebook_sq.shape) != (K,)):  # fmt: skip
-        _fail("codebook_sq", f"a contiguous CPU float32 tensor of shape ({K},)", codebook_sq)
+        fail("vq", "codebook_sq", f"a contiguous CPU float32 tensor of shape ({K},)", codebook_sq)
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor) -> torch.Tensor:
