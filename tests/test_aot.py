@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,3 +66,17 @@ def test_verdict_fails_on_spills_and_shared_overflow(dump, shared, ok):
 def test_unparseable_cuobjdump_output_is_an_error():
     with pytest.raises(RuntimeError, match="no resource usage"):
         aot.parse_resource_usage("cuobjdump info    : File 'x.cubin' does not contain device code")
+
+
+def test_divisible_by_16_marks_names_and_prefixes():
+    """The one way a family marks divisible integers: names, or "prefix*" for every integer argument with that
+    prefix; an entry that marks nothing is refused (a renamed argument would silently lose its mark)."""
+    signature = {"X": "*fp32", "stride_x_m": "i32", "stride_x_k": "i32", "stride_y": "i32", "N": "i32",
+                 "eps": "fp32", "BLOCK": "constexpr"}  # fmt: skip
+    config = aot.AotConfig("probe", signature, {"BLOCK": 16}, divisible_by_16=("N", "stride_x_*"))
+    assert config.divisible_integers() == ("stride_x_m", "stride_x_k", "N")
+    assert aot.AotConfig("probe", signature, {}, divisible_by_16=("stride*",)).divisible_integers() == (
+        "stride_x_m", "stride_x_k", "stride_y")
+    for entry in ("eps", "M", "stride_z_*"):
+        with pytest.raises(ValueError, match=re.escape(f"divisible_by_16 entry {entry!r} marks no integer")):
+            aot.AotConfig("probe", signature, {}, divisible_by_16=(entry,)).divisible_integers()

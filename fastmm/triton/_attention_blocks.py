@@ -255,13 +255,13 @@ def _attend_key_tiles(
 # head dim, and the decode split size (a multiple of BLOCK_N). Strides that are multiples of Lq, S or of the
 # split count only (key ranges, key_keep, masks, log-sum-exps) are not, and neither are head or query counts.
 _ALIGNED = {
-    "_span_attention_fwd_kernel": ("stride_q_", "stride_k_", "stride_v_", "stride_o_", "head_dim"),
-    "_span_attention_bwd_dq_kernel": ("stride_q_", "stride_k_", "stride_v_", "head_dim"),
-    "_span_attention_bwd_dkdv_kernel": ("stride_q_", "stride_k_", "head_dim"),
+    "_span_attention_fwd_kernel": ("stride_q_*", "stride_k_*", "stride_v_*", "stride_o_*", "head_dim"),
+    "_span_attention_bwd_dq_kernel": ("stride_q_*", "stride_k_*", "stride_v_*", "head_dim"),
+    "_span_attention_bwd_dkdv_kernel": ("stride_q_*", "stride_k_*", "head_dim"),
     "_decode_attention_split_kernel": (
-        "stride_q_", "stride_k_", "stride_v_", "stride_op_", "head_dim", "split_size",
+        "stride_q_*", "stride_k_*", "stride_v_*", "stride_op_*", "head_dim", "split_size",
     ),
-    "_decode_attention_merge_kernel": ("stride_op_", "stride_o_row", "head_dim"),
+    "_decode_attention_merge_kernel": ("stride_op_*", "stride_o_row", "head_dim"),
 }  # fmt: skip
 
 # The masking variants compiled ahead of time: every one a launch can produce (_Masking never pairs key_keep
@@ -288,9 +288,7 @@ def _masking_pointers(constexprs: dict, dtype: str) -> dict:
 def _aot_config(kernel, label: str, pointers: dict, constexprs: dict, num_warps: int, num_stages: int):
     """AotConfig with the float arguments typed fp32 and the integers of _ALIGNED marked divisible by 16."""
     signature = aot_signature(kernel, pointers, constexprs, floats=("qk_scale", "scale", "cap_in", "cap_out"))
-    prefixes = _ALIGNED[kernel.fn.__name__]
-    aligned = tuple(name for name, kind in signature.items() if kind == "i32" and name.startswith(prefixes))
-    return AotConfig(label, signature, constexprs, num_warps, num_stages, aligned)
+    return AotConfig(label, signature, constexprs, num_warps, num_stages, _ALIGNED[kernel.fn.__name__])
 
 
 def _attention_aot_configs(

@@ -1,4 +1,4 @@
-"""Pieces every Triton family module shares: dtype names and aligned integers for AOT signatures, the SM
+"""Pieces every Triton family module shares: dtype names and AOT signatures, the SM
 count, split-reduction sizing, and the two jit helpers that keep kernels exact under the interpreter (bf16
 rounding, tl.dot precision)."""
 
@@ -75,11 +75,3 @@ def aot_signature(kernel, pointers: dict[str, str], constexprs: dict, floats: tu
         name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
         for name in kernel.arg_names
     }
-
-
-def aligned_ints(signature: dict, widths: tuple[str, ...]) -> tuple[str, ...]:
-    """The integer arguments divisible by 16 at real model sizes (every stride and the given ``widths``, e.g.
-    D of a norm, N and K of a GEMM), which the JIT then specializes: the AOT check compiles that variant."""
-    return tuple(
-        name for name, kind in signature.items() if kind == "i32" and (name.startswith("stride") or name in widths)
-    )

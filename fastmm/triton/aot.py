@@ -9,8 +9,10 @@ no spills and shared memory within the SM limit; ``fastmm kernels --aot`` prints
 
 Each configuration is compiled with the specialization the JIT picks for the shapes that matter: every
 pointer 16-byte aligned (as torch allocates) and the integer arguments named in ``divisible_by_16``
-(strides and widths of real models: 1024, 4096, ...) marked divisible by 16. Odd widths make the JIT
-compile a less specialized variant, which this check does not cover.
+(strides and widths of real models: 1024, 4096, ...) marked divisible by 16. That field is the one way a
+family marks them: argument names, or patterns ending in ``*`` for every integer argument with that prefix
+("stride*": every stride; "stride_q_*": q's strides). Odd widths make the JIT compile a less specialized
+variant, which this check does not cover.
 
 Compilation needs the real JIT functions: under ``TRITON_INTERPRET=1`` triton.jit returns interpreter
 objects that cannot be compiled, so run it in a process without that variable (the test does).
@@ -41,7 +43,22 @@ class AotConfig:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
-    divisible_by_16: tuple[str, ...] = ()  # integer arguments the JIT sees divisible by 16 at real sizes
+    # Integer arguments the JIT sees divisible by 16 at real sizes: names, or "prefix*" for every integer
+    # argument whose name starts with prefix. Resolved against the signature (divisible_integers).
+    divisible_by_16: tuple[str, ...] = ()
+
+    def divisible_integers(self) -> tuple[str, ...]:
+        """The integer arguments divisible_by_16 marks, in signature order; a name or pattern that marks no
+        integer argument is an error (a renamed argument would otherwise silently drop its mark)."""
+        marked = []
+        for entry in self.divisible_by_16:
+            prefix = entry[:-1] if entry.endswith("*") else None
+            found = [name for name, kind in self.signature.items() if kind in ("i32", "i64")
+                     and (name.startswith(prefix) if prefix is not None else name == entry)]  # fmt: skip
+            if not found:
+                raise ValueError(f"AotConfig {self.label!r}: divisible_by_16 entry {entry!r} marks no integer argument")
+            marked += found
+        return tuple(name for name in self.signature if name in marked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +131,11 @@ def parse_resource_usage(cuobjdump_output: str) -> dict[str, int]:
 
 def _alignment(config: AotConfig) -> dict[tuple[int, ...], list[list[Any]]]:
     """ASTSource attributes marking aligned pointers and divisible integers, as the JIT specializes them."""
-    unknown = set(config.divisible_by_16) - set(config.signature)
-    if unknown:
-        raise ValueError(f"AotConfig {config.label!r}: divisible_by_16 names unknown arguments {sorted(unknown)}")
+    divisible = config.divisible_integers()
     return {
         (index,): [["tt.divisibility", 16]]
         for index, (name, kind) in enumerate(config.signature.items())
-        if kind.startswith("*") or name in config.divisible_by_16
+        if kind.startswith("*") or name in divisible
     }
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from fastmm import backend
 from fastmm.reference import norm as reference
-from fastmm.triton._shared import TRITON_DTYPE, aligned_ints, aot_signature, cast, num_sms
+from fastmm.triton._shared import TRITON_DTYPE, aot_signature, cast, num_sms
 from fastmm.triton.aot import AotConfig, register_aot
 
 __all__ = ["MAX_D", "layer_norm_bwd", "layer_norm_fwd", "rms_norm_bwd", "rms_norm_fwd"]
@@ -368,7 +368,7 @@ def _norm_aot_configs(kernel, backward: bool) -> list[AotConfig]:
         label = f"{dtype} {norm} +{residual_flag[4:].lower()} BLOCK_D={block_d} w{num_warps}"
         signature = aot_signature(kernel, pointers, constexprs, floats=("eps",))
         configs.append(
-            AotConfig(label, signature, constexprs, num_warps, _NORM_STAGES, aligned_ints(signature, ("D",)))
+            AotConfig(label, signature, constexprs, num_warps, _NORM_STAGES, ("D", "stride*"))
         )
     return configs
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmm.triton._shared import TRITON_DTYPE, aligned_ints, aot_signature, cast, dot
+from fastmm.triton._shared import TRITON_DTYPE, aot_signature, cast, dot
 from fastmm.triton.aot import AotConfig, register_aot
 
 __all__ = ["routed_linear_bwd", "routed_linear_fwd"]
@@ -406,7 +406,7 @@ def _routed_aot_configs() -> list[AotConfig]:
             tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             label = f"{dtype} {variant} {tile} w{cfg.num_warps} s{cfg.num_stages}"
             signature = aot_signature(kernel, pointers, constexprs)
-            aligned = aligned_ints(signature, ("N", "K"))
+            aligned = ("N", "K", "stride*")
             configs.append(AotConfig(label, signature, constexprs, cfg.num_warps, cfg.num_stages, aligned))
     return configs
 
@@ -427,7 +427,7 @@ def _dweight_aot_configs() -> list[AotConfig]:
             outputs = "dweight+dbias" if need_dw else "dbias"
             label = f"{dtype} {outputs} {tile} w{cfg.num_warps} s{cfg.num_stages}"
             signature = aot_signature(kernel, pointers, constexprs)
-            aligned = aligned_ints(signature, ("N", "K"))
+            aligned = ("N", "K", "stride*")
             configs.append(AotConfig(label, signature, constexprs, cfg.num_warps, cfg.num_stages, aligned))
     return configs
 
