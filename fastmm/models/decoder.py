@@ -19,7 +19,7 @@ from torch import nn
 from fastmm import ops
 from fastmm.kv_cache import KVCache
 from fastmm.models.config import UnifiedConfig
-from fastmm.models.linear import Linear
+from fastmm.nn.linear import Linear
 from fastmm.nn.norm import ModalityRMSNorm
 from fastmm.nn.routed_linear import RoutedLinear
 from fastmm.nn.rope import apply_rope, rope_table

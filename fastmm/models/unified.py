@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmm import _validate as val
 from fastmm import ops
 from fastmm.models import convert
 from fastmm.models.config import UnifiedConfig
-from fastmm.models.linear import Linear
 from fastmm.models.decoder import Decoder
 from fastmm.models.vision import AlignerMLP, VisionEncoder
 from fastmm.models.vq_tokenizer import VQTokenizer
+from fastmm.nn.linear import Linear
 from fastmm.nn.rope import rope_table
-from fastmm import _validate as val
 
 
 class GenerationHead(nn.Module):

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from fastmm import ops
-from fastmm.nn.routed_linear import RoutedLinear
-from fastmm.nn.rope import apply_rope, rope_cos_sin
 from fastmm.kv_cache import KVCache
+from fastmm.nn.rope import apply_rope, rope_cos_sin
+from fastmm.nn.routed_linear import RoutedLinear
 
 
 class ModalityAttention(nn.Module):
