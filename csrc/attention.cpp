@@ -65,8 +65,6 @@ inline f32x16 exp2_lanes(f32x16 x) {
   return _mm512_scalef_ps(p, whole);
 }
 
-inline float lane_max(f32x16 v) { return _mm512_reduce_max_ps(v); }
-
 // out[j] = sum of the lanes of v[j]: four rounds of shuffles that each halve the partial sums per vector
 // while doubling the vectors per register, 15 shuffle pairs and adds instead of 16 separate reductions. They
 // leave key j = q + 4 t in lane 4 q + t, so a final permutation (a 4 x 4 transpose) puts key j in lane j.
@@ -95,12 +93,6 @@ inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
 inline f32x16 exp2_lanes(f32x16 x) {
   for (int i = 0; i < kBlock; ++i) x[i] = std::exp2(x[i]);
   return x;
-}
-
-inline float lane_max(f32x16 v) {
-  float m = v[0];
-  for (int i = 1; i < kBlock; ++i) m = std::max(m, v[i]);
-  return m;
 }
 
 inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {

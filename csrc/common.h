@@ -226,11 +226,32 @@ inline f32x16 first_lanes(f32x16 v, int64_t n) {
   return lane < static_cast<int32_t>(n) ? v : f32x16{};
 }
 
+// The sum of v's 16 lanes, lane 0 first: a fixed order, for results that must not depend on the build.
 inline float lane_sum(f32x16 v) {
   float s = 0.f;
   for (int i = 0; i < kBlock; ++i) s += v[i];
   return s;
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// GCC 12's intrinsic headers trip -W(maybe-)uninitialized on their own _mm256_undefined_pd (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// The sum of v's 16 lanes in any order (a tree on AVX-512): within fp32 accumulation error of lane_sum.
+inline float reduce_sum(f32x16 v) { return _mm512_reduce_add_ps(v); }
+// The largest of v's lanes. For NaN-free lanes: callers accumulate their maxima with comparisons, which
+// never let a NaN in (max is exact, so the order of the reduction does not matter).
+inline float lane_max(f32x16 v) { return _mm512_reduce_max_ps(v); }
+#pragma GCC diagnostic pop
+#else
+inline float reduce_sum(f32x16 v) { return lane_sum(v); }
+inline float lane_max(f32x16 v) {
+  float m = v[0];
+  for (int i = 1; i < kBlock; ++i) m = std::max(m, v[i]);
+  return m;
+}
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #pragma GCC diagnostic push

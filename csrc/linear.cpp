@@ -33,18 +33,6 @@
 namespace fastmm {
 namespace {
 
-// The sum of v's 16 lanes, in any order: the result stays within fp32 accumulation error.
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// GCC 12's intrinsic headers trip -W(maybe-)uninitialized on their own _mm256_undefined_pd (GCC bug 105593).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-inline float horizontal_sum(f32x16 v) { return _mm512_reduce_add_ps(v); }
-#pragma GCC diagnostic pop
-#else
-inline float horizontal_sum(f32x16 v) { return lane_sum(v); }
-#endif
-
 // Rows of x in fp32, [rows][padded] with padded = dim rounded up to whole blocks and zeros past dim.
 template <typename T>
 std::vector<float> widen_rows(const T* x, int64_t stride, int64_t rows, int64_t dim, int64_t padded) {
@@ -93,7 +81,7 @@ void tile(const Problem<T>& pb, int64_t n, int64_t first_row) {
   for (int m = 0; m < MB; ++m) {
     T* out = pb.y + (first_row + m) * pb.out_features + n;
     for (int r = 0; r < R; ++r) {
-      out[r] = from_float<T>(horizontal_sum(acc[m][r]) + (pb.bias ? to_float(pb.bias[n + r]) : 0.f));
+      out[r] = from_float<T>(reduce_sum(acc[m][r]) + (pb.bias ? to_float(pb.bias[n + r]) : 0.f));
     }
   }
 }
@@ -139,7 +127,7 @@ void tile(const Problem<bf16, bf16>& pb, int64_t n, int64_t first_row) {
     for (int m = 0; m < MB; ++m) even[m] = _mm512_dpbf16_ps(even[m], wv, x_block(m, j));
   }
   for (int m = 0; m < MB; ++m) {
-    const float sum = horizontal_sum(_mm512_add_ps(even[m], odd[m]));
+    const float sum = reduce_sum(_mm512_add_ps(even[m], odd[m]));
     pb.y[(first_row + m) * pb.out_features + n] = from_float<bf16>(sum + (pb.bias ? to_float(pb.bias[n]) : 0.f));
   }
 }

@@ -53,12 +53,6 @@ inline uint32_t lane_bits(i32x16 mask) {
 #endif
 }
 
-inline float lane_max(f32x16 v) {
-  float m = v[0];
-  for (int l = 1; l < kBlock; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
-
 // ---- the RNG (reference: row_keys, hash32, exponential, log_f32) -------------------------------------------
 
 // lowbias32 (Chris Wellons), on one uint32 or on 16 lanes.
