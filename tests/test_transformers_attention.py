@@ -230,6 +230,8 @@ def test_mask_layout_to_moves_and_rounds_like_a_dense_mask():
     assert half.mask.dtype == torch.float32 and torch.equal(half.mask, mask.half().float())
     assert half.kv_end.dtype == torch.int32 and half.key_keep.dtype == torch.bool
     assert torch.equal(layout.to(device="cpu", dtype=torch.float32).mask, mask)
+    with pytest.raises(ValueError, match="MaskLayout.to: memory_format"):
+        layout.to(memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------------------------- models

@@ -71,7 +71,9 @@ class MaskLayout:
         ``attention_mask.to(device)``). The device moves every tensor. A floating dtype rounds the float mask
         through it, as casting the dense mask would, but the mask stays float32 (the kernels' contract); the ranges
         and boolean parts have no floating values to cast."""
-        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if memory_format not in (None, torch.preserve_format):
+            raise ValueError(f"MaskLayout.to: memory_format has no meaning for a mask layout, got {memory_format}")
 
         def moved(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:

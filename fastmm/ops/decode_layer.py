@@ -22,11 +22,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastmm._validate import FLOAT_DTYPES
 from fastmm.backend import choose_backend
 from fastmm.kv_cache import KVCache
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 @dataclasses.dataclass(frozen=True)
 class DecodeLayerWeights:
@@ -54,7 +52,7 @@ def fused_decode_runs(embeds: torch.Tensor) -> bool:
     return (
         not torch.compiler.is_compiling()
         and embeds.shape[1] == 1
-        and embeds.dtype in DTYPES
+        and embeds.dtype in FLOAT_DTYPES
         and not torch.is_grad_enabled()
         and choose_backend("decode_layer", embeds.device) == "native"
     )
