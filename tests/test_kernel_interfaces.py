@@ -66,8 +66,10 @@ def test_ops_call_only_declared_kernel_functions():
 def test_the_check_sees_a_mismatch():
     """Other parameters, or a missing function, are reported; an optional function may be missing outside the
     reference."""
-    narrow = types.SimpleNamespace(linear=lambda x, weight: x)
-    assert _mismatches(narrow, "linear", "native") == ["linear('x', 'weight') is not linear('x', 'weight', 'bias')"]
+    narrow = types.SimpleNamespace(linear_fwd=lambda x, weight: x)
+    assert _mismatches(narrow, "linear", "native") == [
+        "linear_fwd('x', 'weight') is not linear_fwd('x', 'weight', 'bias')"
+    ]
     assert _mismatches(types.SimpleNamespace(), "vq", "triton") == ["nearest_code is missing"]
     forward_only = types.SimpleNamespace(span_attention_fwd=lambda q, k, v, kv_start, kv_end, scale, key_keep, mask,
                                          softcap: q, decode_attention_fwd=lambda q, k_cache, v_cache, cache_len,

@@ -83,7 +83,7 @@ def test_backends_draw_the_reference_ids(backend, device, groups, dtype):
                   "allowed": allowed, "mix": mix, "seed": 7, "offset": torch.tensor([3], device=device)}  # fmt: skip
         ids = _sample(backend, logits, **kwargs)
         lo, hi = allowed or (0, vocab)
-        expected = ref.cfg_sample(logits, SCALES[groups], temperature, top_k or 0, top_p or 1.0, lo, hi,
+        expected = ref.cfg_sample_fwd(logits, SCALES[groups], temperature, top_k or 0, top_p or 1.0, lo, hi,
                                   mix == "log_softmax", 7, kwargs["offset"], None)  # fmt: skip
         assert ids.shape == (2,) and ids.dtype == torch.int64 and ids.device == logits.device, label
         assert ((ids >= lo) & (ids < hi)).all(), f"{label}: ids {ids.tolist()} outside [{lo}, {hi})"

@@ -47,7 +47,7 @@ def _check_buffers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         fail("linear", "bias", f"None or a contiguous CPU {x.dtype} tensor of shape ({N},)", bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x weight^T + bias.
 
     x [M, K] and weight [N, K] float32 / float16 / bfloat16 in one dtype, bias [N] or None. Returns y [M, N]

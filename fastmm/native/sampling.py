@@ -35,7 +35,7 @@ def _check_buffers(logits: torch.Tensor, groups: int, offset: torch.Tensor | Non
         fail("sampling", "out", f"a contiguous CPU int64 tensor of shape ({batch},)", out)
 
 
-def cfg_sample(
+def cfg_sample_fwd(
     logits: torch.Tensor,
     scales: tuple[float, ...],
     temperature: float,
@@ -48,7 +48,7 @@ def cfg_sample(
     offset: torch.Tensor | None,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Guided sample of one id per row: fastmm.reference.sampling.cfg_sample's semantics and RNG, bit for bit
+    """Guided sample of one id per row: fastmm.reference.sampling.cfg_sample_fwd's semantics and RNG, bit for bit
     for mix "logits" (log_softmax and top-p sum in another order: near-ties may differ).
 
     logits [G*B, V] float32 / float16 / bfloat16, G = len(scales) + 1, unit stride along V; 0 <= lo < hi <= V;

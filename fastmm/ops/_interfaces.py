@@ -55,11 +55,11 @@ class VQKernels(Protocol):
 
 
 class LinearKernels(Protocol):
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+    def linear_fwd(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
 
 class SamplingKernels(Protocol):
-    def cfg_sample(self, logits: Tensor, scales: tuple[float, ...], temperature: float, top_k: int, top_p: float,
+    def cfg_sample_fwd(self, logits: Tensor, scales: tuple[float, ...], temperature: float, top_k: int, top_p: float,
                    lo: int, hi: int, log_softmax: bool, seed: int, offset: Tensor | None,
                    out: Tensor | None) -> Tensor: ...  # fmt: skip
 

@@ -25,7 +25,7 @@ _FAMILY = "linear"
 
 @torch.library.custom_op("fastmm::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return kernels(_FAMILY, "linear", x.device).linear(x, weight, bias)
+    return kernels(_FAMILY, "linear", x.device).linear_fwd(x, weight, bias)
 
 
 @_linear_op.register_fake
@@ -78,5 +78,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling():
         y = _linear_op(rows, weight, bias)
     else:
-        y = kernels(_FAMILY, op, x.device).linear(rows, weight, bias)
+        y = kernels(_FAMILY, op, x.device).linear_fwd(rows, weight, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

@@ -41,7 +41,7 @@ def _cfg_sample_op(
 ) -> torch.Tensor:
     lo, hi = (0, logits.shape[1]) if allowed_lo == _NO_RANGE else (allowed_lo, allowed_hi)
     module = kernels(_FAMILY, "cfg_sample", logits.device)
-    return module.cfg_sample(logits, tuple(scales), temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, None)
+    return module.cfg_sample_fwd(logits, tuple(scales), temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, None)
 
 
 @_cfg_sample_op.register_fake
@@ -182,6 +182,6 @@ def cfg_sample(
         bounds = (_NO_RANGE, _NO_RANGE) if allowed is None else (lo, hi)
         ids = _cfg_sample_op(logits, list(scales), temperature, top_k, top_p, *bounds, log_softmax, seed, offset)
         return ids if out is None else out.copy_(ids)
-    return kernels(_FAMILY, op, logits.device).cfg_sample(
+    return kernels(_FAMILY, op, logits.device).cfg_sample_fwd(
         logits, scales, temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, out
     )

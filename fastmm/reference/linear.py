@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Kernel interface. x [M, K] and weight [N, K] with any strides, bias [N] or None, all in one dtype.
     Returns y [M, N] contiguous in x's dtype, fp32 accumulation."""
     acc = torch.promote_types(x.dtype, torch.float32)

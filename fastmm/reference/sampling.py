@@ -1,6 +1,6 @@
 """Reference semantics of the `sampling` family: fused classifier-free-guidance (CFG) sampling of image tokens.
 
-``cfg_sample`` below is both the spec of fastmm.ops.cfg_sample and the kernel-level interface every backend
+``cfg_sample_fwd`` below is both the spec of fastmm.ops.cfg_sample and the kernel-level interface every backend
 module (fastmm.<backend>.sampling) implements, with the options already normalized by the op (top_k 0 = off,
 top_p 1.0 = off, allowed as lo, hi). Per output row b, in fp32 whatever the input dtype:
 
@@ -165,7 +165,7 @@ def kept_mask(s: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return keep
 
 
-def cfg_sample(
+def cfg_sample_fwd(
     logits: torch.Tensor,
     scales: tuple[float, ...],
     temperature: float,

@@ -128,7 +128,7 @@ _PROGRAMS_PER_SM = 4  # a GEMV hides memory latency with loads in flight: severa
 _MIN_TILES_PER_SPLIT = 4  # a split's fixed costs (pipeline fill, partial write) stay small
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x weight^T + bias.
 
     x [M, K] and weight [N, K] fp32 / fp16 / bf16 in one dtype, any strides; bias [N] or None. Returns y

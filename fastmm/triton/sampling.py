@@ -299,7 +299,7 @@ _NUM_WARPS = 8
 _INT32_PATTERN = 1 << 32
 
 
-def cfg_sample(
+def cfg_sample_fwd(
     logits: torch.Tensor,
     scales: tuple[float, ...],
     temperature: float,
@@ -312,7 +312,7 @@ def cfg_sample(
     offset: torch.Tensor | None,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Guided sample of one id per row: fastmm.reference.sampling.cfg_sample's semantics and RNG.
+    """Guided sample of one id per row: fastmm.reference.sampling.cfg_sample_fwd's semantics and RNG.
 
     logits [G*B, V] fp32 / fp16 / bf16, G = len(scales) + 1, unit stride along V; 0 <= lo < hi <= V;
     temperature >= 0 (0: greedy); top_k >= 0 (0: off); top_p in (0, 1] (1: off); seed in [0, 2^32); offset
