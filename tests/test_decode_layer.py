@@ -16,6 +16,7 @@ from torch import nn
 from fastmm import use_backend
 from fastmm.models import UnifiedModel, presets
 from fastmm.native.decode_layer import DecodeLayerRunner
+from fastmm.reference import decode_layer as reference
 from fastmm.runtime import generate_image
 from fastmm.kv_cache import KVCache
 
@@ -103,6 +104,46 @@ def test_runner_matches_the_python_path(name, dtype, monkeypatch):
     assert_matches(native_cache.v, python_cache.v, dtype)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_reference_matches_the_python_path(name, dtype, monkeypatch):
+    """The reference, written from the formulas, against the decoder's layer loop (modules on ops), and the
+    native runner against the reference, over several steps into caches of rows of different lengths."""
+    decoder = random_decoder(dtype, **CONFIGS[name])
+    caches = {"reference": prefilled(decoder), "python": prefilled(decoder), "native": prefilled(decoder)}
+    B, H = 2, decoder.config.hidden_size
+    modality = torch.zeros(B, 1, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(3)
+    outputs = {key: [] for key in caches}
+    for _ in range(4):
+        token = torch.randn(B, 1, H, generator=generator).to(dtype)
+        with use_backend("reference"):
+            outputs["reference"].append(decoder(token, modality, caches["reference"], prefill=False))
+        outputs["native"].append(decoder(token, modality, caches["native"], prefill=False))
+        with monkeypatch.context() as patch:
+            patch.setattr(decoder, "_fused_decode_runner", lambda *args: None)
+            outputs["python"].append(decoder(token, modality, caches["python"], prefill=False))
+    with use_backend("reference"):
+        assert isinstance(decoder._fused_decode_runner(token, caches["reference"], False), reference.DecodeLayerRunner)
+    # The reference rounds the MLP product once (fp32 SiLU times up), the layers twice: 16-bit results differ
+    # by an ulp or two, so no share of identical elements is asked of them.
+    tol = TOLERANCE[dtype][0] * (1 if dtype == torch.float32 else 4)
+    for other in ("python", "native"):
+        torch.testing.assert_close(torch.cat(outputs[other], 1), torch.cat(outputs["reference"], 1), rtol=tol, atol=tol)
+        torch.testing.assert_close(caches[other].k, caches["reference"].k, rtol=tol, atol=tol)
+        torch.testing.assert_close(caches[other].v, caches["reference"].v, rtol=tol, atol=tol)
+        assert torch.equal(caches[other].lengths, caches["reference"].lengths)
+
+
+def test_runner_types_share_one_interface():
+    import inspect
+
+    for method in ("__init__", "run"):
+        native, ref = (inspect.signature(getattr(cls, method)) for cls in (DecodeLayerRunner, reference.DecodeLayerRunner))
+        assert list(native.parameters) == list(ref.parameters), method
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_greedy_image_tokens_equal_the_python_path(dtype, monkeypatch):
     torch.manual_seed(0)
@@ -129,8 +170,9 @@ def test_python_path_where_the_runner_does_not_apply():
     assert decoder._fused_decode_runner(token.double(), cache, False) is None
     with torch.enable_grad():
         assert decoder._fused_decode_runner(token, cache, False) is None
-    with use_backend("reference"):
-        assert decoder._fused_decode_runner(token, cache, False) is None
+    with use_backend("triton"):  # no fused step there (on CPU tensors triton falls back or interprets)
+        chosen = decoder._fused_decode_runner(token, cache, False)
+        assert chosen is None or isinstance(chosen, DecodeLayerRunner)
     decoder.rope_cos = decoder.rope_cos.bfloat16()  # as a module-wide .to(torch.bfloat16) leaves it
     assert decoder._fused_decode_runner(token, cache, False) is None
     adaptive = random_decoder(modality_adaptive=True)

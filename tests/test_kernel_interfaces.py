@@ -1,70 +1,65 @@
-"""Every backend module of every op family against its kernel interface (fastmm.ops._interfaces): the functions
-the Protocol declares exist with the same parameters in the same order, and fastmm.ops calls nothing on a kernel
-module that the Protocol does not declare."""
+"""Every backend module of every op family against the family's declared kernels (fastmm.ops._spec.DECLARED):
+the functions exist with the declared parameters in the same order, and fastmm.ops reaches backend modules only
+through those declarations."""
 
 from __future__ import annotations
 
-import inspect
 import pathlib
+import inspect
 import re
 import types
 
 import pytest
 
-from fastmm.ops._interfaces import INTERFACES
+from fastmm.ops._spec import DECLARED  # importing fastmm.ops declares every family's kernels
 
 BACKENDS = ("reference", "native", "triton")
 OPS = pathlib.Path(__file__).resolve().parents[1] / "fastmm" / "ops"
-
-
-def _declared(protocol: type) -> dict[str, list[str]]:
-    """Method name -> parameter names (self dropped) of a Protocol."""
-    return {
-        name: list(inspect.signature(member).parameters)[1:]
-        for name, member in vars(protocol).items()
-        if inspect.isfunction(member) and not name.startswith("_")
-    }
+FAMILIES = ("attention", "linear", "norm", "routed_linear", "sampling", "vq")
 
 
 def _mismatches(module, family: str, backend: str) -> list[str]:
-    """How ``module`` (the ``backend`` module of ``family``) departs from the family's Protocol."""
-    protocol, optional = INTERFACES[family]
+    """How ``module`` (the ``backend`` module of ``family``) departs from the family's declared kernels."""
     wrong = []
-    for name, parameters in _declared(protocol).items():
-        function = getattr(module, name, None)
+    for declared in DECLARED[family]:
+        function = getattr(module, declared.kernel, None)
         if function is None:
-            if name not in optional or backend == "reference":  # the reference is the fallback: it has everything
-                wrong.append(f"{name} is missing")
+            if not declared.optional or backend == "reference":  # the reference is the fallback: it has everything
+                wrong.append(f"{declared.kernel} is missing")
             continue
-        got = [p.name for p in inspect.signature(function).parameters.values()]
-        if got != parameters:
-            wrong.append(f"{name}{tuple(got)} is not {name}{tuple(parameters)}")
+        got = tuple(p.name for p in inspect.signature(function).parameters.values())
+        if got != declared.parameters:
+            wrong.append(f"{declared.kernel}{got} is not {declared.kernel}{declared.parameters}")
     return wrong
 
 
+def test_every_family_declares_its_kernels():
+    assert sorted(DECLARED) == sorted(FAMILIES)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", INTERFACES)
-def test_backend_module_implements_the_interface(family, backend):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backend_module_implements_the_declared_kernels(family, backend):
     module = pytest.importorskip(f"fastmm.{backend}.{family}")
     wrong = _mismatches(module, family, backend)
-    assert not wrong, f"fastmm.{backend}.{family} against {INTERFACES[family][0].__name__}: " + "; ".join(wrong)
+    assert not wrong, f"fastmm.{backend}.{family}: " + "; ".join(wrong)
 
 
-def test_ops_call_only_declared_kernel_functions():
-    """Every `kernels(...).f(`, `module.f(` and `getattr(module, "f"` in fastmm.ops names a declared function."""
-    declared = {name for protocol, _ in INTERFACES.values() for name in _declared(protocol)}
-    called = set()
+def test_only_the_spec_reaches_backend_modules():
+    """fastmm.ops picks kernels in one place: no ops module but _dispatch / _spec calls the dispatch functions
+    or imports a backend for its kernels."""
+    offenders = []
     for path in OPS.glob("*.py"):
+        if path.name in ("_dispatch.py", "_spec.py"):
+            continue
         source = path.read_text()
-        called |= set(re.findall(r"kernels\([^()]*(?:\([^()]*\))?[^()]*\)\.(\w+)\(", source))
-        called |= set(re.findall(r"\bmodule\.(\w+)\(", source))
-        called |= set(re.findall(r"getattr\(module, \"(\w+)\"", source))
-    assert called, "the pattern found no kernel call in fastmm/ops: the test would check nothing"
-    assert called <= declared, f"called on kernel modules but not declared: {sorted(called - declared)}"
+        if re.search(r"\b(kernel_function|backend_module|choose_backend)\(", source):
+            offenders.append(path.name)
+    assert not offenders, f"dispatch outside fastmm.ops._spec: {offenders}"
 
 
 def test_the_check_sees_a_mismatch():
-    """Other parameters, or a missing function, are reported; an optional function may be missing outside the
+    """Other parameters, or a missing function, are reported; an optional kernel may be missing outside the
     reference."""
     narrow = types.SimpleNamespace(linear_fwd=lambda x, weight: x)
     assert _mismatches(narrow, "linear", "native") == [

@@ -115,8 +115,8 @@ def test_python_api_with_a_short_text_run(tiny):
 
 def test_kernels_are_profiler_ranges_only_while_a_profiler_records():
     device = torch.device("cpu")
-    plain = _dispatch.kernels("linear", "linear", device)
-    assert plain is _dispatch._module(fastmm.backend.choose_backend("linear", device), "linear")
+    plain = _dispatch.kernel_function("linear", "linear", "linear_fwd", device)
+    assert plain is _dispatch.backend_module(fastmm.backend.choose_backend("linear", device), "linear").linear_fwd
     x, w = torch.randn(2, 16), torch.randn(8, 16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as recorder:
         with torch.no_grad():

@@ -1,18 +1,19 @@
-"""From (op family, device) to the module of kernels that runs it, and when to go through torch.library.
+"""From (op family, op, kernel, device) to the function that runs it.
 
 Every backend module of a family (fastmm.reference.<family>, fastmm.native.<family>,
-fastmm.triton.<family>) exposes the same kernel-level functions over flattened, contiguous tensors, so the
-ops layer only picks a module.
+fastmm.triton.<family>) implements the kernels the family declares (fastmm.ops._spec) over flattened,
+contiguous tensors, so dispatch only picks a module and reads the kernel from it.
 
 Eager calls skip the dispatcher, so torch.profiler would not see them. While a profiler records (and only
-then: the check is one flag read), ``kernels`` returns the module wrapped so that each kernel call is a
-profiler range named ``fastmm::<op>``, the name the registered custom op has under torch.compile.
+then: the check is one flag read), the kernel comes wrapped in a profiler range named ``fastmm::<op>``, the
+name the registered custom op has under torch.compile.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -22,45 +23,46 @@ from fastmm.backend import choose_backend
 
 
 @functools.lru_cache(maxsize=None)
-def _module(backend: str, family: str) -> ModuleType:
+def backend_module(backend: str, family: str) -> ModuleType:
     return importlib.import_module(f"fastmm.{backend}.{family}")
 
 
-class _Recorded:
-    """A kernel module whose functions run inside a torch.profiler range ``fastmm::<op>``."""
+def _recorded(function: Callable[..., Any], op: str) -> Callable[..., Any]:
+    name = f"fastmm::{op}"
 
-    __slots__ = ("_module", "_name")
+    @functools.wraps(function)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(name):
+            return function(*args, **kwargs)
 
-    def __init__(self, module: ModuleType, op: str):
-        self._module, self._name = module, f"fastmm::{op}"
-
-    def __getattr__(self, attr: str) -> Any:
-        value = getattr(self._module, attr)
-        if not callable(value):
-            return value
-        name = self._name
-
-        @functools.wraps(value)
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            with torch.profiler.record_function(name):
-                return value(*args, **kwargs)
-
-        return recorded
+    return recorded
 
 
-def kernels(family: str, op: str, device: torch.device) -> ModuleType:
-    """The kernel module of ``family`` on the backend chosen for ``op`` on ``device`` (its calls recorded as
-    ``fastmm::<op>`` while a torch profiler is active)."""
-    module = _module(choose_backend(op, device), family)
+def kernel_function(family: str, op: str, kernel: str, device: torch.device) -> Callable[..., Any]:
+    """``kernel`` of ``family`` on the backend chosen for ``op`` on ``device``; the reference's where that
+    backend leaves the kernel out (fastmm.ops._spec: declared optional). Recorded as ``fastmm::<op>`` while a
+    torch profiler is active."""
+    function = getattr(backend_module(choose_backend(op, device), family), kernel, None)
+    if function is None:
+        function = getattr(backend_module("reference", family), kernel)
     if torch._C._autograd._profiler_enabled():
-        return _Recorded(module, op)  # type: ignore[return-value]
-    return module
+        return _recorded(function, op)
+    return function
 
 
-def use_dispatcher(*tensors: torch.Tensor | None) -> bool:
-    """True when the call must go through the registered custom op: under torch.compile (the op is a leaf
-    of the graph) or when autograd must record it. Otherwise the eager call skips the dispatcher, whose
-    tens of microseconds matter for batch-1 decode."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+@functools.lru_cache(maxsize=None)
+def _implementation(backend: str, family: str, kernel: str) -> Callable[..., Any] | None:
+    try:
+        module = backend_module(backend, family)
+    except ModuleNotFoundError as missing:
+        if missing.name != f"fastmm.{backend}.{family}":
+            raise  # the module exists but an import inside it failed: that is a bug to show, not a gap
+        return None
+    return getattr(module, kernel, None)
+
+
+def implementation(family: str, op: str, kernel: str, device: torch.device) -> Callable[..., Any] | None:
+    """``kernel`` of ``family`` on the backend chosen for ``op`` on ``device``, or None where that backend does
+    not implement it: for ops whose fallback is the caller's own code rather than the reference (the fused
+    decode step, whose fallback is the decoder's layer loop)."""
+    return _implementation(choose_backend(op, device), family, kernel)

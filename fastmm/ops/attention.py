@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 import torch
 
 from fastmm import _validate as val
-from fastmm.ops._dispatch import kernels, use_dispatcher
+from fastmm.ops._spec import kernel_op
 from fastmm.reference import attention as reference
+
+Tensor = torch.Tensor
 
 # The mask vocabulary and the dense attention weights, for layers above ops (the transformers integration builds
 # masks and output_attentions with them). The reference's definitions are the spec; they are re-exported here so
@@ -30,8 +32,6 @@ dense_mask = reference.dense_mask  # [B, 1, Lq, S] bool from key ranges
 allowed_keys = reference.allowed_keys  # [B, 1, Lq, S] bool from ranges, key padding and a mask
 attention_scores = reference.attention_scores  # fp32 q k^T * scale (softcapped), autograd recorded
 attention_weights = reference.attention_weights  # softmax probabilities [B, Hq, Lq, S] (output_attentions)
-
-_FAMILY = "attention"
 
 
 # ------------------------------------------------------------------------------------------ key_ranges
@@ -100,50 +100,38 @@ def key_ranges(
 # ------------------------------------------------------------------------------------- span_attention
 
 
-@torch.library.custom_op("fastmm::span_attention", mutates_args=())
-def _span_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_start: torch.Tensor,
-    kv_end: torch.Tensor,
+@kernel_op("attention", "span_attention")
+def span_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_start: Tensor,
+    kv_end: Tensor,
     scale: float,
-    key_keep: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
+    key_keep: Optional[Tensor],
+    mask: Optional[Tensor],
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    module = kernels(_FAMILY, "span_attention", q.device)
-    return module.span_attention_fwd(q, k, v, kv_start, kv_end, scale, key_keep, mask, softcap)
-
-
-@_span_attention_op.register_fake
-def _(q, k, v, kv_start, kv_end, scale, key_keep, mask, softcap):
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastmm::span_attention_backward", mutates_args=())
-def _span_attention_backward_op(
-    do: torch.Tensor,
-    dlse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    kv_start: torch.Tensor,
-    kv_end: torch.Tensor,
+# Optional: the native backend trains through the reference's dense recompute.
+@kernel_op("attention", "span_attention", name="span_attention_backward", optional=True)
+def span_attention_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    kv_start: Tensor,
+    kv_end: Tensor,
     scale: float,
-    key_keep: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
+    key_keep: Optional[Tensor],
+    mask: Optional[Tensor],
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    module = kernels(_FAMILY, "span_attention", q.device)
-    backward = getattr(module, "span_attention_bwd", reference.span_attention_bwd)
-    return backward(do, q, k, v, o, lse, kv_start, kv_end, scale, key_keep, mask, softcap, dlse)
-
-
-@_span_attention_backward_op.register_fake
-def _(do, dlse, q, k, v, o, lse, kv_start, kv_end, scale, key_keep, mask, softcap):
+    dlse: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -158,13 +146,13 @@ def _span_attention_backward(ctx, do, dlse):
     q, k, v, o, lse, kv_start, kv_end, key_keep, mask = ctx.saved_tensors
     if dlse is None:  # lse unused downstream
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = _span_attention_backward_op(
-        do.contiguous(), dlse.contiguous(), q, k, v, o, lse, kv_start, kv_end, ctx.scale, key_keep, mask, ctx.softcap
+    dq, dk, dv = span_attention_bwd(
+        do.contiguous(), q, k, v, o, lse, kv_start, kv_end, ctx.scale, key_keep, mask, ctx.softcap, dlse.contiguous()
     )
     return dq, dk, dv, None, None, None, None, None, None
 
 
-_span_attention_op.register_autograd(_span_attention_backward, setup_context=_span_attention_setup)
+span_attention_fwd.register_autograd(_span_attention_backward, setup_context=_span_attention_setup)
 
 
 def _check_qkv(op: str, q, k, v, key_name: str) -> None:
@@ -288,32 +276,17 @@ def span_attention(
     key_keep, mask, softcap = _check_masking(op, q, key_keep, mask, softcap, sinks, S)
     scale = float(d**-0.5 if scale is None else scale)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), kv_start.int().contiguous(), kv_end.int().contiguous())
-    if use_dispatcher(q, k, v):
-        o, lse = _span_attention_op(*args, scale, key_keep, mask, softcap)
-    else:
-        o, lse = kernels(_FAMILY, op, q.device).span_attention_fwd(*args, scale, key_keep, mask, softcap)
+    o, lse = span_attention_fwd(*args, scale, key_keep, mask, softcap)
     return o if sinks is None else reference.with_sinks(o, lse, sinks)
 
 
 # ----------------------------------------------------------------------------------- decode_attention
 
 
-@torch.library.custom_op("fastmm::decode_attention", mutates_args=())
-def _decode_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_len: torch.Tensor,
-    scale: float,
-    mask: Optional[torch.Tensor],
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    module = kernels(_FAMILY, "decode_attention", q.device)
-    return module.decode_attention_fwd(q, k_cache, v_cache, cache_len, scale, mask, softcap)
-
-
-@_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_len, scale, mask, softcap):
+@kernel_op("attention", "decode_attention")
+def decode_attention_fwd(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, scale: float, mask: Optional[Tensor], softcap: float
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -364,8 +337,5 @@ def decode_attention(
     _, mask, softcap = _check_masking(op, q, None, mask, softcap, sinks, S)
     scale = float(d**-0.5 if scale is None else scale)
     args = (q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), cache_len.int().contiguous())
-    if torch.compiler.is_compiling():
-        o, lse = _decode_attention_op(*args, scale, mask, softcap)
-    else:
-        o, lse = kernels(_FAMILY, op, q.device).decode_attention_fwd(*args, scale, mask, softcap)
+    o, lse = decode_attention_fwd(*args, scale, mask, softcap)
     return o if sinks is None else reference.with_sinks(o, lse, sinks)

@@ -5,11 +5,12 @@ that costs about as much as the weight GEMMs at the 8 x 512 benchmark model. The
 (weights, KV cache, batch): a runner checks every weight, the cache and the RoPE tables when it is built and a
 step checks in O(1) only what changes between steps.
 
-Spec: the decoder's own Python layer loop (fastmm.models.decoder: norm, fused q/k/v projection, RoPE, cache
-write, decode_attention, output projection, norm, SwiGLU), which is also what runs wherever the fused step does
-not: ``DecodeRunners.get`` returns None and the caller runs its layers. Backends: native (C++, CPU, float32 /
-bfloat16 / float16: fastmm.native.decode_layer); none on the other backends, whose per-op path is the layer loop.
-It never runs while torch.compile traces (the loop is what it traces) or with autograd on.
+Spec: fastmm.reference.decode_layer (the formulas over the layers' weights; tests hold it to the decoder's own
+Python layer loop, fastmm.models.decoder). Backends: reference, native (C++, CPU, float32 / bfloat16 / float16:
+fastmm.native.decode_layer); each module of the family has a ``DecodeLayerRunner``, picked by the normal backend
+choice. Triton has none: there, and wherever the fused step does not run, ``DecodeRunners.get`` returns None and
+the caller runs its layer loop, op by op (what CUDA graphs capture). It never runs while torch.compile traces
+(the loop is what it traces) or with autograd on.
 
 The weights cross as ``DecodeLayerWeights``, one per layer, so the backend reads no model's attribute names.
 """
@@ -23,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 
 from fastmm._validate import FLOAT_DTYPES
-from fastmm.backend import choose_backend
 from fastmm.kv_cache import KVCache
+from fastmm.ops._dispatch import implementation
 
 @dataclasses.dataclass(frozen=True)
 class DecodeLayerWeights:
@@ -46,15 +47,19 @@ class DecodeLayerWeights:
     down_bias: torch.Tensor | None
 
 
+def _runner_type(device: torch.device):
+    return implementation("decode_layer", "decode_layer", "DecodeLayerRunner", device)
+
+
 def fused_decode_runs(embeds: torch.Tensor) -> bool:
     """Whether the fused step runs a decode step with these input embeddings [B, L, H]: one token per row, no
-    autograd, no torch.compile tracing, a dtype and device whose backend has the fused step (native on CPU)."""
+    autograd, no torch.compile tracing, a dtype and device whose backend has the fused step (reference, native)."""
     return (
         not torch.compiler.is_compiling()
         and embeds.shape[1] == 1
         and embeds.dtype in FLOAT_DTYPES
         and not torch.is_grad_enabled()
-        and choose_backend("decode_layer", embeds.device) == "native"
+        and _runner_type(embeds.device) is not None
     )
 
 
@@ -88,10 +93,9 @@ class DecodeRunners:
             return None
         batch = embeds.shape[0]
         runner = self._by_cache.get(cache)
-        if runner is None or runner.batch != batch:
-            from fastmm.native.decode_layer import DecodeLayerRunner  # needs fastmm._C, which native has
-
-            runner = self._by_cache[cache] = DecodeLayerRunner(layers(), num_heads, cache, rope_cos, rope_sin, batch)
+        runner_type = _runner_type(embeds.device)
+        if type(runner) is not runner_type or runner.batch != batch:  # a backend switch builds the new backend's
+            runner = self._by_cache[cache] = runner_type(layers(), num_heads, cache, rope_cos, rope_sin, batch)
         return runner
 
     def drop(self, cache: KVCache) -> None:

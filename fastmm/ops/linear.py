@@ -4,8 +4,7 @@ A decode step is a sequence of such products, each bound by one pass over its we
 blocked for large M and stream the weights far below memory bandwidth there (see fastmm.native.linear).
 
 ``linear`` validates, views x as rows [M, K] (copying only when its leading dims cannot be merged) and calls
-the chosen backend's ``linear`` directly in eager inference, or the custom op ``fastmm::linear`` under
-torch.compile. It is an inference op without a backward: when autograd must record (grad enabled and x,
+the kernel declared below (fastmm.ops._spec), the custom op ``fastmm::linear`` under torch.compile. It is an inference op without a backward: when autograd must record (grad enabled and x,
 weight or bias requiring grad) it runs torch.nn.functional.linear instead, so training code keeps working.
 """
 
@@ -18,18 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from fastmm import _validate as v
-from fastmm.ops._dispatch import kernels
+from fastmm.ops._spec import kernel_op
 
-_FAMILY = "linear"
-
-
-@torch.library.custom_op("fastmm::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return kernels(_FAMILY, "linear", x.device).linear_fwd(x, weight, bias)
+Tensor = torch.Tensor
 
 
-@_linear_op.register_fake
-def _(x, weight, bias):
+@kernel_op("linear", "linear")
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -75,8 +69,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     # (M, K): a view unless the leading dims cannot merge. 2-D x skips the reshape and the view back (2 us).
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    if torch.compiler.is_compiling():
-        y = _linear_op(rows, weight, bias)
-    else:
-        y = kernels(_FAMILY, op, x.device).linear_fwd(rows, weight, bias)
+    y = linear_fwd(rows, weight, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

@@ -4,10 +4,10 @@ mPLUG-Owl2 gives every decoder layer one norm per modality (text = 0, image = 1)
 modality's rows with nonzero (a host sync), gathers, applies the module and scatters back. These ops read
 each row's modality id inside one kernel instead.
 
-Each public function validates, flattens to [T, D], and calls the kernels of the chosen backend directly in
-eager inference, or the registered custom op ``fastmm::<name>`` under torch.compile and when autograd
-records (see fastmm.ops._dispatch). Modality ids are range-checked at every eager call: on the host for CPU
-tensors, by a device-side assert without a host sync on CUDA (fastmm._validate.check_id_range).
+Each public function validates and flattens to [T, D]; the kernels declared below (fastmm.ops._spec) run the
+chosen backend, through the custom op ``fastmm::<name>`` under torch.compile and when autograd records.
+Modality ids are range-checked at every call: on the host for CPU tensors, by a device-side assert without a
+host sync on CUDA (fastmm._validate.check_id_range).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 
 from fastmm import _validate as v
-from fastmm.ops._dispatch import kernels, use_dispatcher
+from fastmm.ops._spec import ids_below, kernel_op
 
-_FAMILY = "norm"
+Tensor = torch.Tensor
+_MODALITY_IN_RANGE = (ids_below("modality", "weight", label="M"),)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -52,7 +53,6 @@ def _check_norm_inputs(op, x, modality, weight, bias, residual, eps):
             raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
     v.check_same_device(op, "x", x, modality=modality, weight=weight, bias=bias, residual=residual)
     v.check_eps(op, eps)
-    v.check_id_range(op, "modality", modality, weight.shape[0], "M = weight.shape[0]")
 
 
 def _flat_rows(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
@@ -68,11 +68,6 @@ def _param(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if p is None else p.to(dtype).contiguous()
 
 
-def _maybe(t: torch.Tensor) -> torch.Tensor | None:
-    """Custom ops cannot return None: an absent optional output travels as an empty tensor."""
-    return t if t.numel() else None
-
-
 def _present_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
     """The gradient of an optional output as the kernels take it: None when absent, else contiguous (autograd
     may hand over an expanded or strided tensor, and the kernels index rows by a single stride)."""
@@ -82,37 +77,18 @@ def _present_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
 # --------------------------------------------------------------------------------------- modality_rms_norm
 
 
-@torch.library.custom_op("fastmm::modality_rms_norm", mutates_args=())
-def _rms_norm_op(
-    x: torch.Tensor, modality: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, residual_out, rstd = kernels(_FAMILY, "modality_rms_norm", x.device).rms_norm_fwd(
-        x, modality, weight, residual, eps
-    )
-    return y, (x.new_empty(0) if residual_out is None else residual_out), rstd
+@kernel_op("norm", "modality_rms_norm", checks=_MODALITY_IN_RANGE)
+def rms_norm_fwd(
+    x: Tensor, modality: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float
+) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    residual_out = torch.empty_like(x) if residual is not None else None
+    return torch.empty_like(x), residual_out, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@_rms_norm_op.register_fake
-def _(x, modality, weight, residual, eps):
-    rows = x.shape[0]
-    residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), residual_out, x.new_empty(rows, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastmm::modality_rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(
-    dy: torch.Tensor,
-    dresidual_out: Optional[torch.Tensor],
-    x_in: torch.Tensor,
-    modality: torch.Tensor,
-    weight: torch.Tensor,
-    rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels(_FAMILY, "modality_rms_norm", dy.device).rms_norm_bwd(dy, dresidual_out, x_in, modality, weight, rstd)
-
-
-@_rms_norm_backward_op.register_fake
-def _(dy, dresidual_out, x_in, modality, weight, rstd):
+@kernel_op("norm", "modality_rms_norm", name="modality_rms_norm_backward")
+def rms_norm_bwd(
+    dy: Tensor, dresidual_out: Optional[Tensor], x_in: Tensor, modality: Tensor, weight: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x_in), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
@@ -126,11 +102,11 @@ def _rms_norm_setup(ctx, inputs, output):
 def _rms_norm_backward(ctx, dy, dresidual_out, _drstd):
     x_in, modality, weight, rstd = ctx.saved_tensors
     dres = _present_grad(dresidual_out) if ctx.has_residual else None
-    dx, dweight = _rms_norm_backward_op(dy.contiguous(), dres, x_in, modality, weight, rstd)
+    dx, dweight = rms_norm_bwd(dy.contiguous(), dres, x_in, modality, weight, rstd)
     return dx, None, dweight.to(weight.dtype), (dx if ctx.has_residual else None), None
 
 
-_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
 def modality_rms_norm(
@@ -157,12 +133,7 @@ def modality_rms_norm(
     _check_norm_inputs(op, x, modality, weight, None, residual, eps)
     shape, hidden = x.shape, x.shape[-1]
     x2, r2 = _flat_rows(x, hidden), _flat_rows(residual, hidden)
-    ids, w = _flat_ids(modality), _param(weight, x.dtype)
-    if use_dispatcher(x, weight, residual):
-        y, residual_out, _ = _rms_norm_op(x2, ids, w, r2, float(eps))
-        residual_out = _maybe(residual_out) if residual is not None else None
-    else:
-        y, residual_out, _ = kernels(_FAMILY, op, x.device).rms_norm_fwd(x2, ids, w, r2, float(eps))
+    y, residual_out, _ = rms_norm_fwd(x2, _flat_ids(modality), _param(weight, x.dtype), r2, float(eps))
     y = y.view(shape)
     return y if residual is None else (y, residual_out.view(shape))
 
@@ -170,50 +141,28 @@ def modality_rms_norm(
 # ------------------------------------------------------------------------------------- modality_layer_norm
 
 
-@torch.library.custom_op("fastmm::modality_layer_norm", mutates_args=())
-def _layer_norm_op(
-    x: torch.Tensor,
-    modality: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, residual_out, mean, rstd = kernels(_FAMILY, "modality_layer_norm", x.device).layer_norm_fwd(
-        x, modality, weight, bias, residual, eps
-    )
-    return y, (x.new_empty(0) if residual_out is None else residual_out), mean, rstd
-
-
-@_layer_norm_op.register_fake
-def _(x, modality, weight, bias, residual, eps):
-    rows = x.shape[0]
-    residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    stat = x.new_empty(rows, dtype=torch.float32)
+@kernel_op("norm", "modality_layer_norm", checks=_MODALITY_IN_RANGE)
+def layer_norm_fwd(
+    x: Tensor, modality: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    residual_out = torch.empty_like(x) if residual is not None else None
+    stat = x.new_empty(x.shape[0], dtype=torch.float32)
     return torch.empty_like(x), residual_out, stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("fastmm::modality_layer_norm_backward", mutates_args=())
-def _layer_norm_backward_op(
-    dy: torch.Tensor,
-    dresidual_out: Optional[torch.Tensor],
-    x_in: torch.Tensor,
-    modality: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+@kernel_op("norm", "modality_layer_norm", name="modality_layer_norm_backward")
+def layer_norm_bwd(
+    dy: Tensor,
+    dresidual_out: Optional[Tensor],
+    x_in: Tensor,
+    modality: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
     has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dweight, dbias = kernels(_FAMILY, "modality_layer_norm", dy.device).layer_norm_bwd(
-        dy, dresidual_out, x_in, modality, weight, mean, rstd, has_bias
-    )
-    return dx, dweight, (dweight.new_empty(0) if dbias is None else dbias)
-
-
-@_layer_norm_backward_op.register_fake
-def _(dy, dresidual_out, x_in, modality, weight, mean, rstd, has_bias):
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     dweight = weight.new_empty(weight.shape, dtype=torch.float32)
-    return torch.empty_like(x_in), dweight, (torch.empty_like(dweight) if has_bias else dweight.new_empty(0))
+    return torch.empty_like(x_in), dweight, (torch.empty_like(dweight) if has_bias else None)
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -227,12 +176,12 @@ def _layer_norm_setup(ctx, inputs, output):
 def _layer_norm_backward(ctx, dy, dresidual_out, _dmean, _drstd):
     x_in, modality, weight, mean, rstd = ctx.saved_tensors
     dres = _present_grad(dresidual_out) if ctx.has_residual else None
-    dx, dweight, dbias = _layer_norm_backward_op(dy.contiguous(), dres, x_in, modality, weight, mean, rstd, ctx.has_bias)
+    dx, dweight, dbias = layer_norm_bwd(dy.contiguous(), dres, x_in, modality, weight, mean, rstd, ctx.has_bias)
     dbias = dbias.to(weight.dtype) if ctx.has_bias else None
     return dx, None, dweight.to(weight.dtype), dbias, (dx if ctx.has_residual else None), None
 
 
-_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
 def modality_layer_norm(
@@ -254,10 +203,6 @@ def modality_layer_norm(
     shape, hidden = x.shape, x.shape[-1]
     x2, r2 = _flat_rows(x, hidden), _flat_rows(residual, hidden)
     ids, w, b = _flat_ids(modality), _param(weight, x.dtype), _param(bias, x.dtype)
-    if use_dispatcher(x, weight, bias, residual):
-        y, residual_out, _, _ = _layer_norm_op(x2, ids, w, b, r2, float(eps))
-        residual_out = _maybe(residual_out) if residual is not None else None
-    else:
-        y, residual_out, _, _ = kernels(_FAMILY, op, x.device).layer_norm_fwd(x2, ids, w, b, r2, float(eps))
+    y, residual_out, _, _ = layer_norm_fwd(x2, ids, w, b, r2, float(eps))
     y = y.view(shape)
     return y if residual is None else (y, residual_out.view(shape))

@@ -5,10 +5,10 @@ reference finds each modality's rows with nonzero (a host sync), gathers, applie
 and scatters back. This op reads each row's modality id inside the kernels instead: a grouped GEMM that
 never multiplies a row by a weight it does not use.
 
-The public function validates, flattens to [T, K], and calls the kernels of the chosen backend directly in
-eager inference, or the registered custom op ``fastmm::routed_linear`` under torch.compile and when autograd
-records (see fastmm.ops._dispatch). Modality ids are range-checked at every eager call: on the host for CPU
-tensors, by a device-side assert without a host sync on CUDA (fastmm._validate.check_id_range).
+The public function validates and flattens to [T, K]; the kernels declared below (fastmm.ops._spec) run the
+chosen backend, through the custom op ``fastmm::routed_linear`` under torch.compile and when autograd records.
+Modality ids are range-checked at every call: on the host for CPU tensors, by a device-side assert without a
+host sync on CUDA (fastmm._validate.check_id_range).
 """
 
 from __future__ import annotations
@@ -18,75 +18,47 @@ from typing import Optional
 import torch
 
 from fastmm import _validate as v
-from fastmm.ops._dispatch import kernels, use_dispatcher
+from fastmm.ops._spec import ids_below, kernel_op
 
-_FAMILY = "routed_linear"
-
-
-@torch.library.custom_op("fastmm::routed_linear", mutates_args=())
-def _routed_linear_op(
-    x: torch.Tensor, modality: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-) -> torch.Tensor:
-    return kernels(_FAMILY, "routed_linear", x.device).routed_linear_fwd(x, modality, weight, bias)
+Tensor = torch.Tensor
 
 
-@_routed_linear_op.register_fake
-def _(x, modality, weight, bias):
+@kernel_op("routed_linear", "routed_linear", checks=(ids_below("modality", "weight", label="M"),))
+def routed_linear_fwd(x: Tensor, modality: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("fastmm::routed_linear_backward", mutates_args=())
-def _routed_linear_backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    modality: torch.Tensor,
-    weight: torch.Tensor,
-    bias_present: bool,
-    need_dx: bool,
-    need_dweight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dweight, dbias = kernels(_FAMILY, "routed_linear", dy.device).routed_linear_bwd(
-        dy, x, modality, weight, bias_present, need_dx, need_dweight
-    )
-    empty = dy.new_empty(0)
-    return (
-        empty if dx is None else dx,
-        empty.float() if dweight is None else dweight,
-        empty.float() if dbias is None else dbias,
-    )
-
-
-@_routed_linear_backward_op.register_fake
-def _(dy, x, modality, weight, bias_present, need_dx, need_dweight):
+@kernel_op("routed_linear", "routed_linear", name="routed_linear_backward")
+def routed_linear_bwd(
+    dy: Tensor, x: Tensor, modality: Tensor, weight: Tensor, bias_present: bool, need_dx: bool, need_dweight: bool
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     f32 = torch.float32
     return (
-        torch.empty_like(x) if need_dx else dy.new_empty(0),
-        weight.new_empty(weight.shape, dtype=f32) if need_dweight else dy.new_empty(0, dtype=f32),
-        weight.new_empty(weight.shape[:2], dtype=f32) if bias_present else dy.new_empty(0, dtype=f32),
+        torch.empty_like(x) if need_dx else None,
+        weight.new_empty(weight.shape, dtype=f32) if need_dweight else None,
+        weight.new_empty(weight.shape[:2], dtype=f32) if bias_present else None,
     )
 
 
-def _routed_linear_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     x, modality, weight, bias = inputs
     ctx.bias_present = bias is not None
     ctx.save_for_backward(x, modality, weight)
 
 
-def _routed_linear_backward(ctx, dy):
+def _backward(ctx, dy):
     x, modality, weight = ctx.saved_tensors
     need_dx, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dx, dweight, dbias = _routed_linear_backward_op(
-        dy.contiguous(), x, modality, weight, ctx.bias_present, need_dx, need_dweight
-    )
+    dx, dweight, dbias = routed_linear_bwd(dy.contiguous(), x, modality, weight, ctx.bias_present, need_dx, need_dweight)
     return (
-        dx if need_dx else None,
+        dx,
         None,
         dweight.to(weight.dtype) if need_dweight else None,
         dbias.to(weight.dtype) if ctx.bias_present else None,
     )
 
 
-_routed_linear_op.register_autograd(_routed_linear_backward, setup_context=_routed_linear_setup)
+routed_linear_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def routed_linear(
@@ -124,7 +96,6 @@ def routed_linear(
         v.check_float(op, "bias", bias)
         v.check_shape(op, "bias", bias, (num_modalities, out_features), "[M, N]")
     v.check_same_device(op, "x", x, modality=modality, weight=weight, bias=bias)
-    v.check_id_range(op, "modality", modality, num_modalities, "M = weight.shape[0]")
 
     out_shape = (*x.shape[:-1], out_features)
     x2 = x.reshape(-1, in_features).contiguous()
@@ -132,8 +103,4 @@ def routed_linear(
     # Parameters in the activations' dtype (e.g. fp32 weights under bf16 autocast).
     w = weight.to(x.dtype).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    if use_dispatcher(x, weight, bias):
-        y = _routed_linear_op(x2, ids, w, b)
-    else:
-        y = kernels(_FAMILY, op, x.device).routed_linear_fwd(x2, ids, w, b)
-    return y.view(out_shape)
+    return routed_linear_fwd(x2, ids, w, b).view(out_shape)

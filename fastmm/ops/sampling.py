@@ -18,34 +18,26 @@ from typing import Optional
 import torch
 
 from fastmm import _validate as v
-from fastmm.ops._dispatch import kernels
+from fastmm.ops._spec import kernel_op
 from fastmm.reference.sampling import MIXES
 
-_FAMILY = "sampling"
+Tensor = torch.Tensor
 _MAX_GROUPS = 3
-_NO_RANGE = -1
 
 
-@torch.library.custom_op("fastmm::cfg_sample", mutates_args=())
-def _cfg_sample_op(
-    logits: torch.Tensor,
+@kernel_op("sampling", "cfg_sample", writes_out=True)
+def cfg_sample_fwd(
+    logits: Tensor,
     scales: list[float],
     temperature: float,
     top_k: int,
     top_p: float,
-    allowed_lo: int,
-    allowed_hi: int,
+    lo: int,
+    hi: int,
     log_softmax: bool,
     seed: int,
-    offset: Optional[torch.Tensor],
-) -> torch.Tensor:
-    lo, hi = (0, logits.shape[1]) if allowed_lo == _NO_RANGE else (allowed_lo, allowed_hi)
-    module = kernels(_FAMILY, "cfg_sample", logits.device)
-    return module.cfg_sample_fwd(logits, tuple(scales), temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, None)
-
-
-@_cfg_sample_op.register_fake
-def _(logits, scales, temperature, top_k, top_p, allowed_lo, allowed_hi, log_softmax, seed, offset):
+    offset: Optional[Tensor],
+) -> Tensor:
     return logits.new_empty(logits.shape[0] // (len(scales) + 1), dtype=torch.int64)
 
 
@@ -178,10 +170,4 @@ def cfg_sample(
     temperature, top_k, top_p = float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p)
     log_softmax, seed = mix == "log_softmax", int(seed)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()  # kernels read rows with unit stride
-    if torch.compiler.is_compiling():
-        bounds = (_NO_RANGE, _NO_RANGE) if allowed is None else (lo, hi)
-        ids = _cfg_sample_op(logits, list(scales), temperature, top_k, top_p, *bounds, log_softmax, seed, offset)
-        return ids if out is None else out.copy_(ids)
-    return kernels(_FAMILY, op, logits.device).cfg_sample_fwd(
-        logits, scales, temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, out
-    )
+    return cfg_sample_fwd(logits, scales, temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, out=out)

@@ -6,7 +6,7 @@ Janus images. The kernels here keep a running (min, argmin) over codebook tiles 
 to one kernel, argmin_k (codebook_sq[k] - 2 z.codes[k]) (see fastmm.reference.vq).
 
 ``vq_quantize`` validates, views z as rows [B, S, D] without copying (a channels-first map is read through
-its strides), and calls the chosen backend's ``nearest_code`` directly in eager inference, or the custom op
+its strides), and calls the kernel ``nearest_code`` declared below (fastmm.ops._spec), the custom op
 ``fastmm::vq_nearest_code`` under torch.compile. Indices carry no gradient; ``quantized`` is straight-through
 for z. The codebook's finiteness and vq_embed's index range are checked at every eager call: on the host for
 CPU tensors, by a device-side assert without a host sync on CUDA (fastmm._validate).
@@ -18,19 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from fastmm import _validate as v
-from fastmm.ops._dispatch import kernels
+from fastmm.ops._spec import finite, kernel_op
 from fastmm.reference.vq import METRICS, as_rows, code_scores_inputs
 
-_FAMILY = "vq"
+Tensor = torch.Tensor
 
 
-@torch.library.custom_op("fastmm::vq_nearest_code", mutates_args=())
-def _nearest_code_op(z: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor) -> torch.Tensor:
-    return kernels(_FAMILY, "vq_quantize", z.device).nearest_code(z, codebook, codebook_sq)
-
-
-@_nearest_code_op.register_fake
-def _(z, codebook, codebook_sq):
+# The codebook's finiteness is checked on the codes the kernel reads, in z's dtype: a code that overflows
+# there is as wrong as a NaN.
+@kernel_op("vq", "vq_quantize", name="vq_nearest_code", checks=(finite("codebook"),))
+def nearest_code(z: Tensor, codebook: Tensor, codebook_sq: Tensor) -> Tensor:
     return z.new_empty(z.shape[:2], dtype=torch.int64)
 
 
@@ -58,7 +55,6 @@ def _check_quantize_inputs(op, z, codebook, metric, codebook_sq):
         v.check_float(op, "codebook_sq", codebook_sq)
         v.check_shape(op, "codebook_sq", codebook_sq, codebook.shape[:1], "[K]: |e_k|^2 per code")
     v.check_same_device(op, "z", z, codebook=codebook, codebook_sq=codebook_sq)
-    v.check_finite(op, "codebook", codebook)
 
 
 def vq_quantize(
@@ -93,10 +89,7 @@ def vq_quantize(
         codes, sq = code_scores_inputs(codebook.to(z.dtype), metric)
     codes, sq = codes.contiguous(), sq.contiguous()
     rows = as_rows(z)  # (B, S, D): a view; channels-first z keeps its strides
-    if torch.compiler.is_compiling():
-        indices = _nearest_code_op(rows, codes, sq)
-    else:
-        indices = kernels(_FAMILY, op, z.device).nearest_code(rows, codes, sq)
+    indices = nearest_code(rows, codes, sq)
     out_indices = indices.view(-1) if z.dim() == 2 else indices.view(z.shape[0], *z.shape[2:])
     if not return_quantized:
         return out_indices, None
