@@ -32,8 +32,9 @@ def _by_hand(block, hidden, modality, positions, kv_start, kv_end):
 
     cos, sin = rope_cos_sin(positions, 16, block.rope_theta)
     q = apply_rope(heads(F.linear(hidden, block.q_proj.weight), 4), cos, sin)
-    k = apply_rope(heads(routed(block.k_proj), 2), cos, sin)
-    v = heads(routed(block.v_proj), 2)
+    k_rows, v_rows = routed(block.kv_proj).split(32, dim=-1)  # kv_proj holds the k rows, then the v rows
+    k = apply_rope(heads(k_rows, 2), cos, sin)
+    v = heads(v_rows, 2)
     out = ref.span_attention(q, k, v, kv_start, kv_end)
     return F.linear(out.transpose(1, 2).reshape(B, L, 64), block.o_proj.weight)
 
@@ -70,6 +71,35 @@ def test_modality_attention_decode_equals_prefill(backend, device):
             cache.advance(1)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
     assert cache.lengths.tolist() == [L]
+
+
+def test_shared_kv_config_is_the_routed_one_with_equal_weights():
+    """modality_kv=False (one qkv GEMM, the unified decoder's layout) computes what modality_kv=True computes when
+    every modality has the same k / v weights; rope=(cos, sin) given directly equals positions."""
+    routed = _block(2)
+    with torch.no_grad():
+        routed.kv_proj.weight[1] = routed.kv_proj.weight[0]
+    shared = ModalityAttention(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, modality_kv=False).eval()
+    with torch.no_grad():
+        shared.qkv_proj.weight.copy_(torch.cat([routed.q_proj.weight, routed.kv_proj.weight[0]]))
+        shared.o_proj.weight.copy_(routed.o_proj.weight)
+    assert not hasattr(shared, "kv_proj") and not hasattr(routed, "qkv_proj")
+    hidden = torch.randn(2, 7, 64)
+    modality = torch.tensor([[0, 1, 1, 0, 1, 0, 0]] * 2)
+    positions = torch.arange(3, 10).expand(2, 7)
+    with torch.no_grad():
+        expected = routed(hidden, modality, positions)
+        got = shared(hidden, modality, rope=rope_cos_sin(positions, 16, shared.rope_theta))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_modality_attention_refuses_missing_rope_or_cache():
+    block = _block()
+    hidden, modality = torch.randn(1, 3, 64), torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="positions"):
+        block(hidden, modality)
+    with pytest.raises(ValueError, match="needs a cache"):
+        block(hidden, modality, torch.arange(3)[None], prefill=False)
 
 
 def test_kv_cache_writes_rows_at_their_own_positions():

@@ -1,9 +1,11 @@
 """The Llama-style decoder of the unified model: RMSNorm (modality_rms_norm), RoPE, GQA attention
-(span_attention for a prompt, decode_attention against the static KV cache), SwiGLU MLP.
+(fastmm.nn.ModalityAttention: span_attention for a prompt, decode_attention against the static KV cache), SwiGLU
+MLP.
 
 q, k, v come from one fused projection and gate / up from another: one GEMM where Llama runs three (two),
 which matters at decode batch sizes, where every GEMM streams its weights for a handful of rows. With
-``modality_adaptive`` (mPLUG-Owl2) the norms hold one weight per modality and k / v are a routed projection.
+``modality_adaptive`` (mPLUG-Owl2) the norms hold one weight per modality and k / v are a routed projection
+(ModalityAttention's ``modality_kv``).
 
 The layers below are the reference and what torch.compile and CUDA graphs capture. An eager decode step runs
 the fused step of fastmm.ops.decode_layer instead where its backend has one (CPU, fp32 / bf16 / fp16: each
@@ -16,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmm import ops
 from fastmm.kv_cache import KVCache
 from fastmm.models.config import UnifiedConfig
+from fastmm.nn.attention import ModalityAttention
 from fastmm.nn.linear import Linear
 from fastmm.nn.norm import ModalityRMSNorm
-from fastmm.nn.routed_linear import RoutedLinear
-from fastmm.nn.rope import apply_rope, rope_table
+from fastmm.nn.rope import rope_table
 from fastmm.ops.decode_layer import DecodeLayerWeights, DecodeRunners
 
 
@@ -33,52 +34,6 @@ def norm_with_residual(
     if residual is None:
         return norm(x, modality), x
     return norm(x, modality, residual)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: UnifiedConfig):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        bias = config.attention_bias
-        if config.modality_adaptive:
-            self.q_proj = Linear(config.hidden_size, q_width, bias=bias)
-            self.kv_proj = RoutedLinear(config.num_modalities, config.hidden_size, 2 * kv_width, bias=bias)
-        else:
-            self.qkv_proj = Linear(config.hidden_size, q_width + 2 * kv_width, bias=bias)
-        self.o_proj = Linear(q_width, config.hidden_size, bias=bias)
-
-    def _project(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """q, k, v side by side: [B, L, (Hq + 2 Hkv) d]."""
-        if hasattr(self, "qkv_proj"):
-            return self.qkv_proj(x)
-        return torch.cat([self.q_proj(x), self.kv_proj(x, modality)], dim=-1)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        modality: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache,
-        layer_index: int,
-        prefill: bool,
-    ) -> torch.Tensor:
-        """x [B, L, hidden] at positions cache.lengths + (0..L-1); their k, v are written into the cache.
-        Prefill (the cache empty): causal span_attention over the L tokens. Otherwise decode_attention over
-        the valid cache (the new tokens included)."""
-        B, L, _ = x.shape
-        Hq, Hkv = self.num_heads, self.num_kv_heads
-        heads = self._project(x, modality).view(B, L, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H, L, d)
-        qk = apply_rope(heads[:, : Hq + Hkv], cos, sin)  # q and k heads rotated in one pass
-        q, k, v = qk[:, :Hq], qk[:, Hq:], heads[:, Hq + Hkv :]
-        cache.write(layer_index, k, v, cache.lengths)
-        if prefill:
-            out = ops.span_attention(q, k, v)
-        else:
-            k_cache, v_cache = cache.layer(layer_index)
-            out = ops.decode_attention(q, k_cache, v_cache, cache.lengths + L)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, Hq * d) -> (B, L, hidden)
 
 
 class MLP(nn.Module):
@@ -98,7 +53,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: UnifiedConfig):
         super().__init__()
         self.input_norm = ModalityRMSNorm(config.num_modalities, config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = ModalityAttention(
+            config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.num_modalities,
+            modality_kv=config.modality_adaptive, rope_theta=config.rope_theta, bias=config.attention_bias,
+        )  # fmt: skip
         self.post_attention_norm = ModalityRMSNorm(config.num_modalities, config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -106,7 +64,7 @@ class DecoderLayer(nn.Module):
         """One pre-norm block on the residual stream; returns (block output, residual) with the add of the
         output deferred to the next norm, where it is fused."""
         h, residual = norm_with_residual(self.input_norm, x, modality, residual)
-        attended = self.attn(h, modality, cos, sin, cache, layer_index, prefill)
+        attended = self.attn(h, modality, cache=cache, layer_index=layer_index, rope=(cos, sin), prefill=prefill)
         h, residual = self.post_attention_norm(attended, modality, residual)
         return self.mlp(h), residual
 

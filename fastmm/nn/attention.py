@@ -1,8 +1,10 @@
-"""ModalityAttention: mPLUG-Owl2's attention block on fastmm ops, with Llama-convention RoPE (fastmm.nn.rope).
+"""ModalityAttention: the one attention block of fastmm, on fastmm ops, with Llama-convention RoPE
+(fastmm.nn.rope). nn users build it directly; the unified model's decoder layers are built from it.
 
-Q is shared by every modality; K and V go through routed_linear (one projection per modality, the
-"modality-adaptive" part); prefill runs span_attention over key ranges, decoding runs decode_attention
-against a static KVCache.
+Projections: Q is shared by every modality. K and V are one fused projection: with ``modality_kv`` (mPLUG-Owl2's
+"modality-adaptive" attention) a routed_linear with one weight per modality, ``kv_proj``; without, q, k and v
+are one GEMM, ``qkv_proj`` (rows q, then k, then v), where Llama runs three. Prefill runs span_attention over key
+ranges; decoding runs decode_attention against a static KVCache.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 
 from fastmm import ops
 from fastmm.kv_cache import KVCache
+from fastmm.nn.linear import Linear
 from fastmm.nn.rope import apply_rope, rope_cos_sin
 from fastmm.nn.routed_linear import RoutedLinear
 
@@ -26,6 +29,7 @@ class ModalityAttention(nn.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         num_modalities: int = 2,
+        modality_kv: bool = True,
         rope_theta: float = 10000.0,
         bias: bool = False,
         device=None,
@@ -38,45 +42,64 @@ class ModalityAttention(nn.Module):
         if num_heads % self.num_kv_heads:
             raise ValueError(f"ModalityAttention: num_heads {num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         self.rope_theta = rope_theta
+        self.modality_kv = modality_kv
         factory = {"device": device, "dtype": dtype}
-        kv_width = self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias, **factory)
-        self.k_proj = RoutedLinear(num_modalities, hidden_size, kv_width, bias=bias, **factory)
-        self.v_proj = RoutedLinear(num_modalities, hidden_size, kv_width, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias, **factory)
+        q_width, kv_width = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if modality_kv:
+            self.q_proj = Linear(hidden_size, q_width, bias=bias, **factory)
+            self.kv_proj = RoutedLinear(num_modalities, hidden_size, 2 * kv_width, bias=bias, **factory)  # rows k, v
+        else:
+            self.qkv_proj = Linear(hidden_size, q_width + 2 * kv_width, bias=bias, **factory)
+        self.o_proj = Linear(q_width, hidden_size, bias=bias, **factory)
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        B, L, _ = x.shape
-        return x.view(B, L, heads, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+    def _project(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """q, k, v side by side: [B, L, (Hq + 2 Hkv) d]."""
+        if not self.modality_kv:
+            return self.qkv_proj(x)
+        return torch.cat([self.q_proj(x), self.kv_proj(x, modality)], dim=-1)
 
     def forward(
         self,
         hidden: torch.Tensor,
         modality: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor | None = None,
         kv_start: torch.Tensor | None = None,
         kv_end: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer_index: int = 0,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefill: bool | None = None,
     ) -> torch.Tensor:
         """Two modes.
 
-        Prefill (no cache, or key ranges given): span_attention over these L tokens with the ranges
-        (default causal); with a cache, their K and V are also written at positions cache.lengths.
-        Decode (a cache and no ranges): the L new tokens' K and V are written at cache.lengths, then they
+        Prefill (``prefill``; by default when there is no cache or key ranges are given): span_attention over
+        these L tokens with the ranges (default causal); with a cache, their K and V are also written at
+        positions cache.lengths.
+        Decode (a cache and not prefill): the L new tokens' K and V are written at cache.lengths, then they
         attend the whole valid cache with decode_attention.
+        RoPE: ``positions`` [B, L], or ``rope`` = (cos, sin) [B, 1, L, d] fp32 already gathered for them (a
+        decoder computes them once for all its layers).
         The caller advances cache.lengths by L once every layer has run (all layers share the lengths).
         """
         B, L, _ = hidden.shape
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
-        q = apply_rope(self._heads(self.q_proj(hidden), self.num_heads), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(hidden, modality), self.num_kv_heads), cos, sin)
-        v = self._heads(self.v_proj(hidden, modality), self.num_kv_heads)
+        Hq, Hkv = self.num_heads, self.num_kv_heads
+        if rope is None:
+            if positions is None:
+                raise ValueError("ModalityAttention: give positions [B, L] or rope (cos, sin)")
+            rope = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        if prefill is None:
+            prefill = cache is None or kv_start is not None
+        if cache is None and not prefill:
+            raise ValueError("ModalityAttention: decoding (prefill=False) needs a cache")
+        heads = self._project(hidden, modality).view(B, L, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+        qk = apply_rope(heads[:, : Hq + Hkv], *rope)  # q and k heads rotated in one pass
+        q, k, v = qk[:, :Hq], qk[:, Hq:], heads[:, Hq + Hkv :]
         if cache is not None:
             cache.write(layer_index, k, v, cache.lengths)
-        if cache is None or kv_start is not None:
+        if prefill:
             out = ops.span_attention(q, k, v, kv_start, kv_end)
         else:
             k_cache, v_cache = cache.layer(layer_index)
             out = ops.decode_attention(q, k_cache, v_cache, cache.lengths + L)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, H * d) -> (B, L, hidden)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, Hq * d) -> (B, L, hidden)
