@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import torch
 
@@ -73,11 +74,23 @@ def _copy_gb_s(mib: int, fresh: bool) -> float:
     return 2 * src.numel() * 4 / (timing.min_ms * 1e-3) / 1e9
 
 
+# A GEMM this long measures the peak well; the size grows to reach it (or n). Where the CPU has no fast path for
+# a dtype (bf16 without AVX512_BF16 / AMX runs at about 1 GFLOP/s), a fixed 4096^3 product took tens of minutes.
+_GEMM_TARGET_S = 0.2
+
+
 def _gemm_gflop_s(n: int, dtype: torch.dtype) -> float:
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    size = min(n, 256)
+    while True:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if size >= n or time.perf_counter() - start >= _GEMM_TARGET_S:
+            break
+        size *= 2
     timing = cpu_time(lambda: torch.mm(a, b), min_time_s=0.0, min_reps=5)
-    return 2 * n**3 / (timing.min_ms * 1e-3) / 1e9
+    return 2 * size**3 / (timing.min_ms * 1e-3) / 1e9
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,10 +104,12 @@ def cpu_peaks(copy_mib: int = 1024, gemm_n: int = 4096) -> Peaks:
     from DRAM. Also reported, not used as the peak: the same copy into a freshly allocated buffer, what an op
     returning a new tensor can reach when the allocator maps fresh pages for it (see
     fastmm.bench.environment.keep_freed_memory: first-touch page faults cost more than the copy).
-    GEMM: an n x n x n torch.mm in fp32 and in bf16 (AMX / AVX512-BF16 where the CPU has them).
+    GEMM: an n x n x n torch.mm in fp32 and in bf16 (AMX / AVX512-BF16 where the CPU has them), smaller where
+    one product already takes _GEMM_TARGET_S (a CPU without a fast path for the dtype).
     """
     gemm = {"float32": _gemm_gflop_s(gemm_n, torch.float32), "bfloat16": _gemm_gflop_s(gemm_n, torch.bfloat16)}
-    source = f"measured, best run: copy_ of {copy_mib} MiB fp32, {gemm_n}^3 torch.mm, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    source = f"measured, best run: copy_ of {copy_mib} MiB fp32, up to {gemm_n}^3 torch.mm, {threads} threads"
     return Peaks(cpu_model(), source, _copy_gb_s(copy_mib, fresh=False), gemm, _copy_gb_s(copy_mib, fresh=True))
 
 
