@@ -189,3 +189,20 @@ def test_quick_linear_bench_checks_fastmm_against_torch(tmp_path):
     native_bf16 = {"native_skinny"} if native_status()[0] else set()  # the kernel past bf16's routing limit
     assert {row.provider for row in rows} == {"fastmm", "torch"} | native_bf16 and not [row for row in rows if row.error]
     assert all(row.rel_err is not None and row.rel_err < 1e-2 for row in rows if row.provider != "fastmm")
+
+
+def test_quick_sampling_bench_runs_both_providers(tmp_path):
+    _invoke("bench", "sampling", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    rows = [BenchResult(**row) for row in json.loads((tmp_path / "report.json").read_text())["results"]]
+    assert {row.provider for row in rows} == {"fastmm", "torch"} and not [row for row in rows if row.error]
+
+
+def test_eager_sampling_baseline_keeps_the_top_p_nucleus():
+    """The suite's baseline samples only from the fewest top ids whose mass reaches top_p."""
+    from fastmm.bench.suites.sampling import eager_step
+
+    logits = torch.tensor([[4.0, 3.0, 0.0, -9.0], [0.0, 0.0, 0.0, 0.0]])  # cond row over uncond row, scale 1
+    drawn = {int(eager_step(logits, 1.0, 0.9)) for _ in range(200)}
+    probabilities = torch.tensor([4.0, 3.0, 0.0, -9.0]).softmax(0)  # 0.72, 0.26, 0.013, ...: ids 0, 1 reach 0.9
+    assert probabilities[:2].sum() >= 0.9 > probabilities[0]
+    assert drawn == {0, 1}
