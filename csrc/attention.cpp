@@ -24,6 +24,7 @@
 // puts 16 keys in the lanes instead, and streams the cache once (the work is memory-bound). When batch x
 // kv_heads gives the threads too few items, the cache is split into chunks whose partial results (unnormalized
 // output, max, sum) are merged by log-sum-exp afterwards (flash-decoding).
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -32,6 +33,7 @@
 
 #include "attention.h"
 #include "common.h"
+#include "module.h"
 
 namespace fastmm {
 namespace {
@@ -739,23 +741,72 @@ void check_sizes(const char* op, int64_t batch, int64_t q_heads, int64_t kv_head
   FASTMM_CHECK(num_threads >= 1, op, "num_threads must be >= 1, got " + std::to_string(num_threads));
 }
 
+// ---- checked arguments of the entry points ---------------------------------------------------------------
+
+constexpr const char* kKernel = "attention";
+
+// Sizes of a call, from its checked q and k.
+struct Heads {
+  int64_t batch, q_heads, kv_heads, num_queries, num_keys, dim;
+};
+
+// Checks what both entry points share: q, k and v (named k_name, v_name) and the outputs o and lse.
+Heads checked_heads(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& o,
+                    const TensorArg& lse, const char* k_name, const char* v_name) {
+  check(q, kKernel, "q", contiguous(kFloats, {kAny, kAny, kAny, kAny}));
+  const int64_t batch = q.sizes[0], q_heads = q.sizes[1], num_queries = q.sizes[2], dim = q.sizes[3];
+  if (dim < 1) fail(q, kKernel, "q", "[B, Hq, Lq, d] with head dim d >= 1");
+  check(k, kKernel, k_name, contiguous(q.dtype, {batch, kAny, kAny, dim}));
+  const int64_t kv_heads = k.sizes[1], num_keys = k.sizes[2];
+  if (kv_heads < 1 || q_heads % kv_heads) {
+    fail(k, kKernel, k_name, "[B, Hkv, S, d] with Hkv >= 1 dividing Hq = " + std::to_string(q_heads));
+  }
+  check(v, kKernel, v_name, contiguous(q.dtype, {batch, kv_heads, num_keys, dim}));
+  check(o, kKernel, "o", contiguous(q.dtype, {batch, q_heads, num_queries, dim}));
+  check(lse, kKernel, "lse", contiguous(DType::kFloat32, {batch, q_heads, num_queries}));
+  return {batch, q_heads, kv_heads, num_queries, num_keys, dim};
+}
+
+// The masking tensors, checked, and softcap, as the kernels take them.
+Masking checked_masking(const Heads& h, const TensorArg& key_keep, const TensorArg& allowed, const TensorArg& bias,
+                        double softcap) {
+  check(key_keep, kKernel, "key_keep", contiguous(DType::kBool, {h.batch, h.num_keys}).or_none());
+  check(allowed, kKernel, "allowed", contiguous(DType::kBool, {h.batch, h.num_queries, h.num_keys}).or_none());
+  check(bias, kKernel, "bias", contiguous(DType::kFloat32, {h.batch, h.num_queries, h.num_keys}).or_none());
+  if (!(softcap >= 0)) refuse(kKernel, "softcap must be >= 0, got " + std::to_string(softcap));
+  return {key_keep.ptr<const uint8_t>(), allowed.ptr<const uint8_t>(), bias.ptr<const float>(),
+          static_cast<float>(softcap)};
+}
+
+// 0 <= kv_start <= kv_end <= S for every query: the kernel indexes K and V with them.
+void check_key_ranges(const TensorArg& kv_start, const TensorArg& kv_end, int64_t num_keys) {
+  const int32_t* start = kv_start.ptr<const int32_t>();
+  const int32_t* end = kv_end.ptr<const int32_t>();
+  for (int64_t i = 0; i < kv_start.numel(); ++i) {
+    if (start[i] < 0 || end[i] < start[i] || end[i] > num_keys) {
+      refuse(kKernel, "key ranges must satisfy 0 <= kv_start <= kv_end <= S = " + std::to_string(num_keys) +
+                          ", got [" + std::to_string(start[i]) + ", " + std::to_string(end[i]) + ") at " +
+                          std::to_string(i));
+    }
+  }
+}
+
+// Lq <= cache_len <= S for every row: the kernel reads the cache up to cache_len.
+void check_cache_lengths(const TensorArg& cache_len, int64_t num_queries, int64_t cache_size) {
+  const int32_t* lengths = cache_len.ptr<const int32_t>();
+  const int64_t batch = cache_len.sizes[0];
+  if (batch == 0) return;
+  const auto [lo, hi] = std::minmax_element(lengths, lengths + batch);
+  if (*lo < num_queries || *hi > cache_size) {
+    refuse(kKernel, "cache_len must lie in [Lq = " + std::to_string(num_queries) + ", S = " +
+                        std::to_string(cache_size) + "], got values in [" + std::to_string(*lo) + ", " +
+                        std::to_string(*hi) + "]");
+  }
+}
+
 }  // namespace
 
-// ---- entry points (bound in bindings.cpp) ---------------------------------------------------------------
-
-void span_attention_fwd(const void* q, const void* k, const void* v, const int32_t* kv_start,
-                        const int32_t* kv_end, void* o, float* lse, int64_t batch, int64_t q_heads,
-                        int64_t kv_heads, int64_t num_queries, int64_t num_keys, int64_t head_dim, double scale,
-                        int dtype, int num_threads, const Masking& masking) {
-  check_sizes(__func__, batch, q_heads, kv_heads, num_keys, head_dim, num_threads);
-  FASTMM_CHECK(num_queries >= 0, __func__, "num_queries must be >= 0");
-  FASTMM_CHECK(masking.softcap >= 0.f, __func__, "softcap must be >= 0");
-  const SpanArgs args{q,           k,        v,        kv_start, kv_end,
-                      o,           lse,      batch,    q_heads,  kv_heads,
-                      num_queries, num_keys, head_dim, static_cast<float>(scale), masking};
-  if (batch * q_heads * num_queries == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) { span_attention<decltype(tag)>(args, num_threads); });
-}
+// ---- the decode kernel for decode_layer.cpp, and the entry points (registered at the bottom of this file) -----------
 
 void decode_attention_fwd(const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_len,
                           void* o, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_queries,
@@ -772,4 +823,54 @@ void decode_attention_fwd(const void* q, const void* k_cache, const void* v_cach
   dispatch_dtype(dtype, [&](auto tag) { decode_attention<decltype(tag)>(args, num_threads); });
 }
 
+namespace entry {
+
+void span_attention_fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& kv_start,
+                        const TensorArg& kv_end, const TensorArg& o, const TensorArg& lse, const TensorArg& key_keep,
+                        const TensorArg& allowed, const TensorArg& bias, double scale, double softcap,
+                        int num_threads) {
+  const Heads h = checked_heads(q, k, v, o, lse, "k", "v");
+  check(kv_start, kKernel, "kv_start", contiguous(DType::kInt32, {h.batch, h.num_queries}));
+  check(kv_end, kKernel, "kv_end", contiguous(DType::kInt32, {h.batch, h.num_queries}));
+  const Masking masking = checked_masking(h, key_keep, allowed, bias, softcap);
+  check_key_ranges(kv_start, kv_end, h.num_keys);
+  FASTMM_CHECK(num_threads >= 1, __func__, "num_threads must be >= 1, got " + std::to_string(num_threads));
+  const SpanArgs args{q.data,
+                      k.data,
+                      v.data,
+                      kv_start.ptr<const int32_t>(),
+                      kv_end.ptr<const int32_t>(),
+                      o.data,
+                      lse.ptr<float>(),
+                      h.batch,
+                      h.q_heads,
+                      h.kv_heads,
+                      h.num_queries,
+                      h.num_keys,
+                      h.dim,
+                      static_cast<float>(scale),
+                      masking};
+  if (h.batch * h.q_heads * h.num_queries == 0) return;
+  dispatch_dtype(static_cast<int>(q.dtype), [&](auto tag) { span_attention<decltype(tag)>(args, num_threads); });
+}
+
+void decode_attention_fwd(const TensorArg& q, const TensorArg& k_cache, const TensorArg& v_cache,
+                          const TensorArg& cache_len, const TensorArg& o, const TensorArg& lse,
+                          const TensorArg& allowed, const TensorArg& bias, double scale, double softcap,
+                          int num_threads) {
+  const Heads h = checked_heads(q, k_cache, v_cache, o, lse, "k_cache", "v_cache");
+  check(cache_len, kKernel, "cache_len", contiguous(DType::kInt32, {h.batch}));
+  const Masking masking = checked_masking(h, TensorArg{}, allowed, bias, softcap);
+  check_cache_lengths(cache_len, h.num_queries, h.num_keys);
+  fastmm::decode_attention_fwd(q.data, k_cache.data, v_cache.data, cache_len.ptr<const int32_t>(), o.data, h.batch,
+                               h.q_heads, h.kv_heads, h.num_queries, h.num_keys, h.dim, scale,
+                               static_cast<int>(q.dtype), num_threads, masking, lse.ptr<float>());
+}
+
+}  // namespace entry
 }  // namespace fastmm
+
+FASTMM_ENTRY_POINTS(m) {
+  m.def("span_attention_fwd", &fastmm::entry::span_attention_fwd, fastmm::release());
+  m.def("decode_attention_fwd", &fastmm::entry::decode_attention_fwd, fastmm::release());
+}

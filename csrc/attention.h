@@ -1,11 +1,10 @@
 // The `attention` family's CPU kernels (attention.cpp): span attention over per-query key ranges and decode
-// attention over a static KV cache. Tensors are raw, contiguous, row-major buffers in the fastmm::DType
-// `dtype` (q, k, v and o share it; lse is fp32, ranges and lengths int32). Callers validate shapes, dtypes and
-// the range values (0 <= kv_start <= kv_end <= num_keys, num_queries <= cache_len <= cache_size) before the
-// call (fastmm/native/attention.py): the kernels index K and V with them unchecked.
+// attention over a static KV cache.
 #pragma once
 
 #include <cstdint>
+
+#include "tensor_arg.h"
 
 namespace fastmm {
 // Optional masking on top of the key ranges (span) or the cache lengths (decode); null / 0 members are off.
@@ -18,18 +17,33 @@ struct Masking {
   float softcap = 0.f;                // > 0 caps the logits
 };
 
-// q, o [batch, q_heads, num_queries, head_dim]; k, v [batch, kv_heads, num_keys, head_dim]; kv_start, kv_end
-// [batch, num_queries] (indices of the num_keys keys); lse [batch, q_heads, num_queries]. q_heads is a multiple
-// of kv_heads.
-void span_attention_fwd(const void* q, const void* k, const void* v, const int32_t* kv_start,
-                        const int32_t* kv_end, void* o, float* lse, int64_t batch, int64_t q_heads,
-                        int64_t kv_heads, int64_t num_queries, int64_t num_keys, int64_t head_dim, double scale,
-                        int dtype, int num_threads, const Masking& masking = {});
-// q, o [batch, q_heads, num_queries, head_dim]; k_cache, v_cache [batch, kv_heads, cache_size, head_dim];
-// cache_len [batch]. Query i of row b attends keys j < cache_len[b] - num_queries + i + 1. lse (optional, may
-// be null) [batch, q_heads, num_queries]; masking.key_keep is not used (fold it into masking.allowed).
+// The decode kernel, for callers that checked their buffers and lengths (decode_layer.cpp): raw, contiguous,
+// row-major buffers in the fastmm::DType `dtype`. q, o [batch, q_heads, num_queries, head_dim]; k_cache,
+// v_cache [batch, kv_heads, cache_size, head_dim], q_heads a multiple of kv_heads; cache_len [batch] int32 with
+// num_queries <= cache_len <= cache_size (indexes the cache unchecked). Query i of row b attends keys
+// j < cache_len[b] - num_queries + i + 1. lse (optional, may be null) [batch, q_heads, num_queries] fp32;
+// masking.key_keep is not used (fold it into masking.allowed).
 void decode_attention_fwd(const void* q, const void* k_cache, const void* v_cache, const int32_t* cache_len,
                           void* o, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_queries,
                           int64_t cache_size, int64_t head_dim, double scale, int dtype, int num_threads,
                           const Masking& masking = {}, float* lse = nullptr);
+
+// The entry points, fastmm._C.<name>. Every tensor is contiguous: q [B, Hq, Lq, d] in a float dtype; k, v
+// (k_cache, v_cache) [B, Hkv, S, d] in q's dtype, Hkv >= 1 dividing Hq, d >= 1; o [B, Hq, Lq, d] and lse
+// [B, Hq, Lq] float32 written. Optional masking as in Masking: key_keep [B, S] bool, allowed [B, Lq, S] bool,
+// bias [B, Lq, S] float32, softcap >= 0.
+namespace entry {
+// Query i of row b attends keys kv_start[b, i] <= j < kv_end[b, i]: kv_start, kv_end [B, Lq] int32 with
+// 0 <= start <= end <= S.
+void span_attention_fwd(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& kv_start,
+                        const TensorArg& kv_end, const TensorArg& o, const TensorArg& lse, const TensorArg& key_keep,
+                        const TensorArg& allowed, const TensorArg& bias, double scale, double softcap,
+                        int num_threads);
+// The kernel above: cache_len [B] int32 with Lq <= cache_len <= S.
+void decode_attention_fwd(const TensorArg& q, const TensorArg& k_cache, const TensorArg& v_cache,
+                          const TensorArg& cache_len, const TensorArg& o, const TensorArg& lse,
+                          const TensorArg& allowed, const TensorArg& bias, double scale, double softcap,
+                          int num_threads);
+}  // namespace entry
+
 }  // namespace fastmm

@@ -1,5 +1,6 @@
 // Shared pieces of the fastmm C++ kernels: dtype codes, fp16/bf16 <-> fp32 conversion, argument checks and
-// the OpenMP row loop. Kernels take raw pointers and sizes; Python validates tensors before calling.
+// the OpenMP row loop. Kernels take raw pointers and sizes; the entry points (module.h) check the
+// tensors they receive first (tensor_arg.h).
 #pragma once
 
 #include <omp.h>
@@ -16,8 +17,9 @@
 
 namespace fastmm {
 
-// Element type codes, as passed by fastmm/native launchers.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// Element type codes. The first three are the kernels' float types, as fastmm/native/decode_layer.py passes
+// them; the others are what ids, lengths and masks hold (tensor_arg.h), and kOther any dtype no kernel takes.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt64, kInt32, kBool, kOther };
 
 // Throws std::invalid_argument (ValueError in Python) "<where>: <msg>" unless cond holds; where names the
 // entry point the caller called, msg the argument and what was expected.
@@ -317,6 +319,8 @@ void dispatch_dtype(int dtype, F&& f) {
     case DType::kBFloat16:
       f(bf16{});
       return;
+    default:
+      break;
   }
   throw std::invalid_argument("dtype: expected 0 (float32), 1 (float16) or 2 (bfloat16), got " +
                               std::to_string(dtype));

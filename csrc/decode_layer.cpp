@@ -25,6 +25,7 @@
 
 #include "attention.h"
 #include "common.h"
+#include "module.h"
 #include "linear.h"
 #include "norm.h"
 
@@ -190,7 +191,7 @@ void check_shape(const DecodeLayerShape& sh, int num_threads, int attention_thre
 
 }  // namespace
 
-// ---- entry points (bound in bindings.cpp) ---------------------------------------------------------------
+// ---- entry points (registered at the bottom of this file) -----------------------------------------------------------
 
 int64_t decode_layer_scratch_size(const DecodeLayerShape& shape, int dtype) {
   return ScratchLayout(shape, element_size(dtype)).size;
@@ -209,3 +210,71 @@ void decode_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const
 }
 
 }  // namespace fastmm
+
+namespace {
+
+// decode_layer's buffers arrive as addresses (Python ints): its runner checks them once when it is built.
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+FASTMM_ENTRY_POINTS(m) {
+  m.def(
+      "decode_layer_scratch_size",
+      [](int64_t batch, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+         int64_t cache_size, int dtype) {
+        const fastmm::DecodeLayerShape shape{batch, hidden, q_heads, kv_heads, head_dim, intermediate, cache_size};
+        return fastmm::decode_layer_scratch_size(shape, dtype);
+      },
+      pybind11::arg("batch"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"), pybind11::arg("head_dim"),
+      pybind11::arg("intermediate"), pybind11::arg("cache_size"), pybind11::arg("dtype"));
+
+  // Per-call buffers first, then the layer's constants, so that a caller can keep the latter in one tuple.
+  m.def(
+      "decode_layer",
+      [](uintptr_t x, uintptr_t residual, uintptr_t modality, uintptr_t positions, uintptr_t x_out,
+         uintptr_t residual_out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t rope_cos, uintptr_t rope_sin,
+         uintptr_t scratch, int64_t scratch_size, uintptr_t input_norm, double input_norm_eps, uintptr_t qkv,
+         uintptr_t qkv_bias, uintptr_t o, uintptr_t o_bias, uintptr_t post_attention_norm,
+         double post_attention_norm_eps, uintptr_t gate_up, uintptr_t gate_up_bias, uintptr_t down,
+         uintptr_t down_bias, int64_t batch, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+         int64_t intermediate, int64_t cache_size, int dtype, int num_threads, int attention_threads) {
+        const fastmm::DecodeLayerShape shape{batch, hidden, q_heads, kv_heads, head_dim, intermediate, cache_size};
+        const fastmm::DecodeLayerWeights weights{ptr<const void>(input_norm),
+                                                 input_norm_eps,
+                                                 ptr<const void>(qkv),
+                                                 ptr<const void>(qkv_bias),
+                                                 ptr<const void>(o),
+                                                 ptr<const void>(o_bias),
+                                                 ptr<const void>(post_attention_norm),
+                                                 post_attention_norm_eps,
+                                                 ptr<const void>(gate_up),
+                                                 ptr<const void>(gate_up_bias),
+                                                 ptr<const void>(down),
+                                                 ptr<const void>(down_bias)};
+        const fastmm::DecodeLayerIO io{ptr<const void>(x),
+                                       ptr<const void>(residual),
+                                       ptr<const int64_t>(modality),
+                                       ptr<const int32_t>(positions),
+                                       ptr<const float>(rope_cos),
+                                       ptr<const float>(rope_sin),
+                                       ptr<void>(k_cache),
+                                       ptr<void>(v_cache),
+                                       ptr<void>(x_out),
+                                       ptr<void>(residual_out),
+                                       ptr<void>(scratch),
+                                       scratch_size};
+        fastmm::decode_layer(shape, weights, io, dtype, num_threads, attention_threads);
+      },
+      pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("modality"), pybind11::arg("positions"), pybind11::arg("x_out"),
+      pybind11::arg("residual_out"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("rope_cos"), pybind11::arg("rope_sin"),
+      pybind11::arg("scratch"), pybind11::arg("scratch_size"), pybind11::arg("input_norm"), pybind11::arg("input_norm_eps"), pybind11::arg("qkv"),
+      pybind11::arg("qkv_bias"), pybind11::arg("o"), pybind11::arg("o_bias"), pybind11::arg("post_attention_norm"),
+      pybind11::arg("post_attention_norm_eps"), pybind11::arg("gate_up"), pybind11::arg("gate_up_bias"), pybind11::arg("down"),
+      pybind11::arg("down_bias"), pybind11::arg("batch"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"),
+      pybind11::arg("head_dim"), pybind11::arg("intermediate"), pybind11::arg("cache_size"), pybind11::arg("dtype"), pybind11::arg("num_threads"),
+      pybind11::arg("attention_threads"), fastmm::release());
+}

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common.h"
+#include "module.h"
 #include "linear.h"
 
 namespace fastmm {
@@ -168,7 +169,7 @@ void run(const Problem<T, X>& pb, int num_threads) {
 
 }  // namespace
 
-// ---- entry point (bound in bindings.cpp) ------------------------------------------------------------------
+// ---- the kernel, and its entry point (registered at the bottom of this file) ----------------------------------------
 
 void skinny_linear(const void* x, int64_t x_row_stride, const void* weight, int64_t weight_row_stride,
                    const void* bias, void* y, int64_t rows, int64_t in_features, int64_t out_features, int dtype,
@@ -199,4 +200,23 @@ void skinny_linear(const void* x, int64_t x_row_stride, const void* weight, int6
   });
 }
 
+namespace entry {
+
+void skinny_linear(const TensorArg& x, const TensorArg& weight, const TensorArg& bias, const TensorArg& y,
+                   int num_threads) {
+  constexpr const char* kKernel = "linear";
+  check(x, kKernel, "x", rows_of(kFloats, {kAny, kAny}));
+  const int64_t M = x.sizes[0], K = x.sizes[1];
+  check(weight, kKernel, "weight", rows_of(x.dtype, {kAny, K}));
+  const int64_t N = weight.sizes[0];
+  check(bias, kKernel, "bias", contiguous(x.dtype, {N}).or_none());
+  check(y, kKernel, "y", contiguous(x.dtype, {M, N}));
+  if (M == 0 || N == 0) return;
+  fastmm::skinny_linear(x.data, x.strides[0], weight.data, weight.strides[0], bias.data, y.data, M, K, N,
+                        static_cast<int>(x.dtype), num_threads);
+}
+
+}  // namespace entry
 }  // namespace fastmm
+
+FASTMM_ENTRY_POINTS(m) { m.def("skinny_linear", &fastmm::entry::skinny_linear, fastmm::release()); }

@@ -5,10 +5,12 @@
 // All math in fp32 on 16-lane blocks (common.h), one rounding on store. A row (16 KiB at D = 4096 fp32) stays
 // in L1/L2 between the statistics pass and the output pass, so memory sees one read of each input and one
 // write of each output per row.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common.h"
+#include "module.h"
 #include "norm.h"
 
 namespace fastmm {
@@ -189,9 +191,75 @@ void check_sizes(const char* op, int64_t rows, int64_t dim, int num_threads) {
   FASTMM_CHECK(num_threads >= 1, op, "num_threads must be >= 1, got " + std::to_string(num_threads));
 }
 
+// ---- checked arguments of the entry points ---------------------------------------------------------------
+
+constexpr const char* kKernel = "norm";
+
+// Every modality id in [0, num_modalities): the kernels index the weight rows (and the gradient partials) with
+// them. fastmm.ops checks this too, but not while torch.compile traces, and the compiled graph calls the kernels.
+void check_ids(const TensorArg& modality, int64_t num_modalities) {
+  const int64_t* ids = modality.ptr<const int64_t>();
+  const int64_t rows = modality.sizes[0];
+  if (rows == 0) return;
+  const auto [lo, hi] = std::minmax_element(ids, ids + rows);
+  if (*lo < 0 || *hi >= num_modalities) {
+    refuse(kKernel, "modality ids must be in [0, " + std::to_string(num_modalities) + "), got values in [" +
+                        std::to_string(*lo) + ", " + std::to_string(*hi) + "]");
+  }
+}
+
+// A forward call's tensors, checked, as the kernel's arguments. bias and mean are None for RMSNorm.
+FwdArgs checked_fwd(const TensorArg& x, const TensorArg& modality, const TensorArg& weight, const TensorArg& bias,
+                    const TensorArg& residual, const TensorArg& y, const TensorArg& residual_out,
+                    const TensorArg& mean, const TensorArg& rstd, bool centered, double eps, int num_threads) {
+  check(x, kKernel, "x", contiguous(kFloats, {kAny, kAny}));
+  const int64_t rows = x.sizes[0], dim = x.sizes[1];
+  check(modality, kKernel, "modality", contiguous(DType::kInt64, {rows}));
+  check(weight, kKernel, "weight", contiguous(x.dtype, {kAny, dim}));
+  const int64_t num_modalities = weight.sizes[0];
+  check(bias, kKernel, "bias", contiguous(x.dtype, {num_modalities, dim}).or_none());
+  check(residual, kKernel, "residual", contiguous(x.dtype, {rows, dim}).or_none());
+  check(y, kKernel, "y", contiguous(x.dtype, {rows, dim}));
+  check(residual_out, kKernel, "residual_out", contiguous(x.dtype, {rows, dim}).or_none());
+  if (residual_out.present != residual.present) {
+    fail(residual_out, kKernel, "residual_out", "given exactly when residual is");
+  }
+  const TensorSpec stats = contiguous(DType::kFloat32, {rows});
+  check(mean, kKernel, "mean", centered ? stats : stats.or_none());
+  check(rstd, kKernel, "rstd", stats);
+  check_ids(modality, num_modalities);
+  FASTMM_CHECK(num_threads >= 1, kKernel, "num_threads must be >= 1, got " + std::to_string(num_threads));
+  return {x.data, modality.ptr<const int64_t>(), weight.data, bias.data, residual.data, y.data, residual_out.data,
+          mean.ptr<float>(), rstd.ptr<float>(), rows, dim, static_cast<float>(eps)};
+}
+
+// A backward call's tensors, checked, as the kernel's arguments. mean and dbias are None for RMSNorm.
+BwdArgs checked_bwd(const TensorArg& dy, const TensorArg& dresidual_out, const TensorArg& x_in,
+                    const TensorArg& modality, const TensorArg& weight, const TensorArg& mean, const TensorArg& rstd,
+                    const TensorArg& dx, const TensorArg& dweight, const TensorArg& dbias, bool centered,
+                    int num_threads) {
+  check(x_in, kKernel, "x_in", contiguous(kFloats, {kAny, kAny}));
+  const int64_t rows = x_in.sizes[0], dim = x_in.sizes[1];
+  check(dy, kKernel, "dy", contiguous(x_in.dtype, {rows, dim}));
+  check(dresidual_out, kKernel, "dresidual_out", contiguous(x_in.dtype, {rows, dim}).or_none());
+  check(modality, kKernel, "modality", contiguous(DType::kInt64, {rows}));
+  check(weight, kKernel, "weight", contiguous(x_in.dtype, {kAny, dim}));
+  const int64_t num_modalities = weight.sizes[0];
+  const TensorSpec stats = contiguous(DType::kFloat32, {rows});
+  check(mean, kKernel, "mean", centered ? stats : stats.or_none());
+  check(rstd, kKernel, "rstd", stats);
+  check(dx, kKernel, "dx", contiguous(x_in.dtype, {rows, dim}));
+  check(dweight, kKernel, "dweight", contiguous(DType::kFloat32, {num_modalities, dim}));
+  check(dbias, kKernel, "dbias", contiguous(DType::kFloat32, {num_modalities, dim}).or_none());
+  check_ids(modality, num_modalities);
+  FASTMM_CHECK(num_threads >= 1, kKernel, "num_threads must be >= 1, got " + std::to_string(num_threads));
+  return {dy.data, dresidual_out.data, x_in.data, modality.ptr<const int64_t>(), weight.data, mean.ptr<const float>(),
+          rstd.ptr<const float>(), dx.data, dweight.ptr<float>(), dbias.ptr<float>(), rows, dim, num_modalities};
+}
+
 }  // namespace
 
-// ---- entry points (bound in bindings.cpp) ---------------------------------------------------------------
+// ---- the RMSNorm kernel for decode_layer.cpp ------------------------------------------------------------
 
 void rms_norm_fwd(const void* x, const int64_t* modality, const void* weight, const void* residual, void* y,
                   void* residual_out, float* rstd, int64_t rows, int64_t dim, double eps, int dtype,
@@ -204,34 +272,49 @@ void rms_norm_fwd(const void* x, const int64_t* modality, const void* weight, co
   dispatch_dtype(dtype, [&](auto tag) { norm_fwd<decltype(tag), false>(args, num_threads); });
 }
 
-void layer_norm_fwd(const void* x, const int64_t* modality, const void* weight, const void* bias,
-                    const void* residual, void* y, void* residual_out, float* mean, float* rstd, int64_t rows,
-                    int64_t dim, double eps, int dtype, int num_threads) {
-  check_sizes(__func__, rows, dim, num_threads);
-  FASTMM_CHECK((residual == nullptr) == (residual_out == nullptr), __func__,
-               "residual and residual_out must both be given or both be null");
-  const FwdArgs args{x, modality, weight, bias, residual, y, residual_out, mean, rstd, rows, dim,
-                     static_cast<float>(eps)};
-  dispatch_dtype(dtype, [&](auto tag) { norm_fwd<decltype(tag), true>(args, num_threads); });
+// ---- entry points (registered at the bottom of this file) -----------------------------------------------------------
+
+namespace entry {
+
+void rms_norm_fwd(const TensorArg& x, const TensorArg& modality, const TensorArg& weight, const TensorArg& residual,
+                  const TensorArg& y, const TensorArg& residual_out, const TensorArg& rstd, double eps,
+                  int num_threads) {
+  const FwdArgs args =
+      checked_fwd(x, modality, weight, {}, residual, y, residual_out, {}, rstd, false, eps, num_threads);
+  dispatch_dtype(static_cast<int>(x.dtype), [&](auto tag) { norm_fwd<decltype(tag), false>(args, num_threads); });
 }
 
-void rms_norm_bwd(const void* dy, const void* dresidual_out, const void* x, const int64_t* modality,
-                  const void* weight, const float* rstd, void* dx, float* dweight, int64_t rows, int64_t dim,
-                  int64_t num_modalities, int dtype, int num_threads) {
-  check_sizes(__func__, rows, dim, num_threads);
-  const BwdArgs args{dy, dresidual_out, x, modality, weight, nullptr, rstd, dx, dweight, nullptr,
-                     rows, dim, num_modalities};
-  dispatch_dtype(dtype, [&](auto tag) { norm_bwd<decltype(tag), false>(args, num_threads); });
+void layer_norm_fwd(const TensorArg& x, const TensorArg& modality, const TensorArg& weight, const TensorArg& bias,
+                    const TensorArg& residual, const TensorArg& y, const TensorArg& residual_out,
+                    const TensorArg& mean, const TensorArg& rstd, double eps, int num_threads) {
+  const FwdArgs args =
+      checked_fwd(x, modality, weight, bias, residual, y, residual_out, mean, rstd, true, eps, num_threads);
+  dispatch_dtype(static_cast<int>(x.dtype), [&](auto tag) { norm_fwd<decltype(tag), true>(args, num_threads); });
 }
 
-void layer_norm_bwd(const void* dy, const void* dresidual_out, const void* x, const int64_t* modality,
-                    const void* weight, const float* mean, const float* rstd, void* dx, float* dweight,
-                    float* dbias, int64_t rows, int64_t dim, int64_t num_modalities, int dtype,
+void rms_norm_bwd(const TensorArg& dy, const TensorArg& dresidual_out, const TensorArg& x_in,
+                  const TensorArg& modality, const TensorArg& weight, const TensorArg& rstd, const TensorArg& dx,
+                  const TensorArg& dweight, int num_threads) {
+  const BwdArgs args =
+      checked_bwd(dy, dresidual_out, x_in, modality, weight, {}, rstd, dx, dweight, {}, false, num_threads);
+  dispatch_dtype(static_cast<int>(x_in.dtype), [&](auto tag) { norm_bwd<decltype(tag), false>(args, num_threads); });
+}
+
+void layer_norm_bwd(const TensorArg& dy, const TensorArg& dresidual_out, const TensorArg& x_in,
+                    const TensorArg& modality, const TensorArg& weight, const TensorArg& mean,
+                    const TensorArg& rstd, const TensorArg& dx, const TensorArg& dweight, const TensorArg& dbias,
                     int num_threads) {
-  check_sizes(__func__, rows, dim, num_threads);
-  const BwdArgs args{dy, dresidual_out, x, modality, weight, mean, rstd, dx, dweight, dbias,
-                     rows, dim, num_modalities};
-  dispatch_dtype(dtype, [&](auto tag) { norm_bwd<decltype(tag), true>(args, num_threads); });
+  const BwdArgs args =
+      checked_bwd(dy, dresidual_out, x_in, modality, weight, mean, rstd, dx, dweight, dbias, true, num_threads);
+  dispatch_dtype(static_cast<int>(x_in.dtype), [&](auto tag) { norm_bwd<decltype(tag), true>(args, num_threads); });
 }
 
+}  // namespace entry
 }  // namespace fastmm
+
+FASTMM_ENTRY_POINTS(m) {
+  m.def("rms_norm_fwd", &fastmm::entry::rms_norm_fwd, fastmm::release());
+  m.def("layer_norm_fwd", &fastmm::entry::layer_norm_fwd, fastmm::release());
+  m.def("rms_norm_bwd", &fastmm::entry::rms_norm_bwd, fastmm::release());
+  m.def("layer_norm_bwd", &fastmm::entry::layer_norm_bwd, fastmm::release());
+}

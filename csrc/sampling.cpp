@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "module.h"
 
 // Every sum, product and quotient below rounds to fp32 on its own, as in the reference: the build is GNU C++ at
 // -O3 -march=native, where GCC contracts a * b + c into one FMA (-ffp-contract=fast), which would change the
@@ -356,34 +357,46 @@ void sample_rows(const Problem<T>& pb, int64_t* out, int num_threads) {
 
 }  // namespace
 
-// ---- entry point (bound in bindings.cpp) ------------------------------------------------------------------
+// ---- entry point (registered at the bottom of this file) ------------------------------------------------------------
 
-void cfg_sample(const void* logits, int64_t batch, int64_t groups, int64_t vocab, int64_t row_stride, double scale0,
-                double scale1, double temperature, int64_t top_k, double top_p, int64_t lo, int64_t hi,
-                bool log_softmax, uint32_t seed, const int64_t* offset, int64_t* out, int dtype, int num_threads) {
-  FASTMM_CHECK(batch >= 0 && groups >= 1 && groups <= 3, __func__,
-               "expected batch >= 0 and 1 <= groups <= 3, got " + std::to_string(batch) + " and " +
-                   std::to_string(groups));
-  FASTMM_CHECK(vocab >= 1 && vocab < (int64_t{1} << 31) && row_stride >= vocab, __func__,
-               "expected 1 <= vocab < 2^31 and row_stride >= vocab, got " + std::to_string(vocab) + " and " +
-                   std::to_string(row_stride));
+namespace entry {
+
+void cfg_sample(const TensorArg& logits, const TensorArg& offset, const TensorArg& out,
+                const std::vector<double>& scales, double temperature, int64_t top_k, double top_p, int64_t lo,
+                int64_t hi, bool log_softmax, uint32_t seed, int num_threads) {
+  constexpr const char* kKernel = "sampling";
+  const int64_t groups = static_cast<int64_t>(scales.size()) + 1;
+  check(logits, kKernel, "logits", rows_of(kFloats, {kAny, kAny}));
+  const int64_t rows = logits.sizes[0], vocab = logits.sizes[1];
+  if (groups > 3 || rows < groups || rows % groups || vocab < 1 || vocab >= (int64_t{1} << 31)) {
+    fail(logits, kKernel, "logits", "[G*B, V] with G = " + std::to_string(groups) + ", B >= 1 and 1 <= V < 2^31");
+  }
+  // The kernel steps from row to row by row_stride; a single row's stride is never stepped.
+  const int64_t row_stride = rows > 1 ? logits.strides[0] : vocab;
+  if (row_stride < vocab) fail(logits, kKernel, "logits", "rows at least V elements apart");
+  const int64_t batch = rows / groups;
+  check(offset, kKernel, "offset", contiguous(DType::kInt64, {1}).or_none());
+  check(out, kKernel, "out", contiguous(DType::kInt64, {batch}));
   FASTMM_CHECK(0 <= lo && lo < hi && hi <= vocab, __func__,
                "expected 0 <= lo < hi <= vocab, got lo " + std::to_string(lo) + ", hi " + std::to_string(hi));
   FASTMM_CHECK(std::isfinite(temperature) && temperature >= 0 && top_k >= 0 && top_p > 0 && top_p <= 1, __func__,
                "expected temperature >= 0, top_k >= 0 and 0 < top_p <= 1");
   FASTMM_CHECK(num_threads >= 1, __func__, "num_threads must be >= 1, got " + std::to_string(num_threads));
-  if (batch == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  const float scale0 = groups > 1 ? static_cast<float>(scales[0]) : 0.f;
+  const float scale1 = groups > 2 ? static_cast<float>(scales[1]) : 0.f;
+  const uint64_t step = offset.present ? static_cast<uint64_t>(*offset.ptr<const int64_t>()) : 0;
+  dispatch_dtype(static_cast<int>(logits.dtype), [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> pb{static_cast<const T*>(logits), batch, vocab, row_stride, lo, hi,
-                        {static_cast<float>(scale0), static_cast<float>(scale1)},
-                        static_cast<float>(temperature), top_k, static_cast<float>(top_p), log_softmax, seed,
-                        offset ? static_cast<uint64_t>(*offset) : 0};
+    const Problem<T> pb{logits.ptr<const T>(), batch, vocab, row_stride, lo, hi, {scale0, scale1},
+                        static_cast<float>(temperature), top_k, static_cast<float>(top_p), log_softmax, seed, step};
     const int threads = team_size(batch, num_threads);
-    if (groups == 1) sample_rows<T, 1>(pb, out, threads);
-    if (groups == 2) sample_rows<T, 2>(pb, out, threads);
-    if (groups == 3) sample_rows<T, 3>(pb, out, threads);
+    if (groups == 1) sample_rows<T, 1>(pb, out.ptr<int64_t>(), threads);
+    if (groups == 2) sample_rows<T, 2>(pb, out.ptr<int64_t>(), threads);
+    if (groups == 3) sample_rows<T, 3>(pb, out.ptr<int64_t>(), threads);
   });
 }
 
+}  // namespace entry
 }  // namespace fastmm
+
+FASTMM_ENTRY_POINTS(m) { m.def("cfg_sample", &fastmm::entry::cfg_sample, fastmm::release()); }

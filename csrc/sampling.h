@@ -1,13 +1,17 @@
-// The `sampling` family's CPU kernel (sampling.cpp): fused classifier-free-guidance sampling. logits is
-// [groups * batch, vocab] in the fastmm::DType `dtype`, rows `row_stride` elements apart, unit stride along the
-// vocabulary; offset is null (step 0) or one int64; out receives batch int64 ids. Semantics, RNG included:
-// fastmm/reference/sampling.py. Callers validate shapes, dtypes and buffer bounds (fastmm/native/sampling.py).
+// The `sampling` family's CPU kernel (sampling.cpp): fused classifier-free-guidance sampling. Semantics, RNG
+// included: fastmm/reference/sampling.py.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
-namespace fastmm {
-void cfg_sample(const void* logits, int64_t batch, int64_t groups, int64_t vocab, int64_t row_stride, double scale0,
-                double scale1, double temperature, int64_t top_k, double top_p, int64_t lo, int64_t hi,
-                bool log_softmax, uint32_t seed, const int64_t* offset, int64_t* out, int dtype, int num_threads);
-}  // namespace fastmm
+#include "tensor_arg.h"
+
+namespace fastmm::entry {
+// fastmm._C.cfg_sample: one id per row of B into out [B] int64, from logits [G*B, V] in a float dtype with unit
+// stride along V (rows at least V apart), G = len(scales) + 1 groups of B rows. offset: None (step 0) or [1]
+// int64, the RNG offset. 0 <= lo < hi <= V; temperature >= 0 (0: greedy); top_k >= 0 (0: off); top_p in (0, 1].
+void cfg_sample(const TensorArg& logits, const TensorArg& offset, const TensorArg& out,
+                const std::vector<double>& scales, double temperature, int64_t top_k, double top_p, int64_t lo,
+                int64_t hi, bool log_softmax, uint32_t seed, int num_threads);
+}  // namespace fastmm::entry

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "module.h"
 #include "vq.h"
 
 namespace fastmm {
@@ -349,32 +350,38 @@ void search_split_codes(const Problem<T>& pb, int64_t rows, int64_t num_codes, i
 
 }  // namespace
 
-// ---- entry point (bound in bindings.cpp) ------------------------------------------------------------------
+// ---- entry point (registered at the bottom of this file) ------------------------------------------------------------
 
-void nearest_code(const void* z, int64_t batch, int64_t seq, int64_t dim, int64_t stride_batch,
-                  int64_t stride_seq, int64_t stride_dim, const void* codebook, const float* codebook_sq,
-                  int64_t num_codes, int64_t* indices, int dtype, int num_threads) {
-  FASTMM_CHECK(batch >= 0 && seq >= 0 && dim >= 0, __func__,
-               "batch, seq and dim must be >= 0, got " + std::to_string(batch) + ", " + std::to_string(seq) +
-                   " and " + std::to_string(dim));
-  FASTMM_CHECK(stride_batch >= 0 && stride_seq >= 0 && stride_dim >= 0, __func__,
-               "z's strides must be >= 0");
-  FASTMM_CHECK(num_codes >= 1, __func__, "num_codes must be >= 1, got " + std::to_string(num_codes));
+namespace entry {
+
+void nearest_code(const TensorArg& z, const TensorArg& codebook, const TensorArg& codebook_sq,
+                  const TensorArg& indices, int num_threads) {
+  constexpr const char* kKernel = "vq";
+  check(z, kKernel, "z", strided(kFloats, {kAny, kAny, kAny}));
+  const int64_t batch = z.sizes[0], seq = z.sizes[1], dim = z.sizes[2];
+  check(codebook, kKernel, "codebook", contiguous(z.dtype, {kAny, dim}));
+  const int64_t num_codes = codebook.sizes[0];
+  if (num_codes < 1) fail(codebook, kKernel, "codebook", "a codebook of at least one code");
+  check(codebook_sq, kKernel, "codebook_sq", contiguous(DType::kFloat32, {num_codes}));
+  check(indices, kKernel, "indices", contiguous(DType::kInt64, {batch, seq}));
   FASTMM_CHECK(num_threads >= 1, __func__, "num_threads must be >= 1, got " + std::to_string(num_threads));
   const int64_t rows = batch * seq;
   if (rows == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(static_cast<int>(z.dtype), [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> pb{{static_cast<const T*>(z), seq, dim, stride_batch, stride_seq, stride_dim},
-                        static_cast<const T*>(codebook),
-                        codebook_sq};
+    const Problem<T> pb{{z.ptr<const T>(), seq, dim, z.strides[0], z.strides[1], z.strides[2]},
+                        codebook.ptr<const T>(),
+                        codebook_sq.ptr<const float>()};
     const int threads = useful_threads(rows, num_codes, dim, num_threads);
     if (num_codes >= kMinCodesPerThread * threads) {
-      search_split_codes(pb, rows, num_codes, indices, threads);
+      search_split_codes(pb, rows, num_codes, indices.ptr<int64_t>(), threads);
     } else {
-      search_split_rows(pb, rows, num_codes, indices, threads);
+      search_split_rows(pb, rows, num_codes, indices.ptr<int64_t>(), threads);
     }
   });
 }
 
+}  // namespace entry
 }  // namespace fastmm
+
+FASTMM_ENTRY_POINTS(m) { m.def("nearest_code", &fastmm::entry::nearest_code, fastmm::release()); }

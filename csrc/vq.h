@@ -1,13 +1,13 @@
 // The `vq` family's CPU kernel (vq.cpp): nearest-code search, argmin_k (codebook_sq[k] - 2 z.codebook[k]),
-// without the N x K score matrix. z is read through its strides (channels-first maps arrive as a transposed
-// view); codebook is a contiguous [num_codes, dim] buffer in the fastmm::DType `dtype`, codebook_sq fp32.
-// Callers validate shapes, dtypes and that every strided access stays in bounds (fastmm/native/vq.py).
+// without the N x K score matrix.
 #pragma once
 
-#include <cstdint>
+#include "tensor_arg.h"
 
-namespace fastmm {
-void nearest_code(const void* z, int64_t batch, int64_t seq, int64_t dim, int64_t stride_batch,
-                  int64_t stride_seq, int64_t stride_dim, const void* codebook, const float* codebook_sq,
-                  int64_t num_codes, int64_t* indices, int dtype, int num_threads);
-}  // namespace fastmm
+namespace fastmm::entry {
+// fastmm._C.nearest_code: z [B, S, D] in a float dtype, read through any non-negative strides (channels-first
+// maps arrive as a transposed view); codebook [K, D] contiguous in z's dtype, K >= 1; codebook_sq [K] float32;
+// indices [B, S] int64 written.
+void nearest_code(const TensorArg& z, const TensorArg& codebook, const TensorArg& codebook_sq,
+                  const TensorArg& indices, int num_threads);
+}  // namespace fastmm::entry

@@ -2,7 +2,8 @@
 
 The norms run in fastmm._C (one pass per row, OpenMP over rows). Inputs arrive validated by fastmm.ops: CPU,
 contiguous, x's dtype in {float32, float16, bfloat16}, parameters in x's dtype, modality int64 with every id
-in [0, M).
+in [0, M). The kernels' entry points check all of that again, ids included (csrc/norm.cpp), for callers past
+fastmm.ops (autograd's backward, torch.compile's graphs).
 """
 
 from __future__ import annotations
@@ -10,21 +11,11 @@ from __future__ import annotations
 import torch
 
 from fastmm import _C
-from fastmm.native._shared import DTYPE_CODE, check_contiguous, ptr, threads_for
+from fastmm.native._shared import threads_for
 
 
 def _like_or_none(x: torch.Tensor, present: bool) -> torch.Tensor | None:
     return torch.empty_like(x) if present else None
-
-
-def _check_modality(modality: torch.Tensor, num_modalities: int) -> None:
-    """Every id in [0, M): the kernels index weight rows with them. fastmm.ops checks this too, but not while
-    torch.compile traces (values are unknown there), and the compiled graph then calls these launchers."""
-    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
-        raise ValueError(
-            f"native norm kernel: modality ids must be in [0, {num_modalities}), got values in "
-            f"[{int(modality.min())}, {int(modality.max())}]"
-        )
 
 
 # ---- norms ----------------------------------------------------------------------------------------------
@@ -42,19 +33,10 @@ def rms_norm_fwd(
     x [T, D]; modality [T] int64; weight [M, D]; residual [T, D] or None.
     Returns y [T, D] x.dtype, residual_out = s [T, D] (None without residual), rstd [T] float32.
     """
-    T, D = x.shape
-    M = weight.shape[0]
-    check_contiguous("norm", x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64),
-                     weight=(weight, (M, D), x.dtype), residual=(residual, (T, D), x.dtype))  # fmt: skip
-    _check_modality(modality, M)
     y = torch.empty_like(x)
     residual_out = _like_or_none(x, residual is not None)
-    rstd = torch.empty(T, dtype=torch.float32)
-    if T:
-        _C.rms_norm_fwd(
-            x.data_ptr(), modality.data_ptr(), weight.data_ptr(), ptr(residual), y.data_ptr(),
-            ptr(residual_out), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype], threads_for(T * D),
-        )  # fmt: skip
+    rstd = torch.empty(x.shape[0], dtype=torch.float32)
+    _C.rms_norm_fwd(x, modality, weight, residual, y, residual_out, rstd, eps, threads_for(x.numel()))
     return y, residual_out, rstd
 
 
@@ -72,20 +54,9 @@ def rms_norm_bwd(
     [T, D] or None; modality [T] int64; weight [M, D]; rstd [T] float32 from rms_norm_fwd.
     Returns dx [T, D] x.dtype and dweight [M, D] float32 (sum of dy * xhat over each modality's rows).
     """
-    T, D = x_in.shape
-    M = weight.shape[0]
-    check_contiguous("norm", dy=(dy, (T, D), x_in.dtype), dresidual_out=(dresidual_out, (T, D), x_in.dtype),
-                     x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
-                     weight=(weight, (M, D), x_in.dtype), rstd=(rstd, (T,), torch.float32))  # fmt: skip
-    _check_modality(modality, M)
     dx = torch.empty_like(x_in)
-    dweight = torch.zeros(M, D, dtype=torch.float32)
-    if T:
-        _C.rms_norm_bwd(
-            dy.data_ptr(), ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
-            rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), T, D, M, DTYPE_CODE[x_in.dtype],
-            torch.get_num_threads(),
-        )  # fmt: skip
+    dweight = torch.zeros_like(weight, dtype=torch.float32)
+    _C.rms_norm_bwd(dy, dresidual_out, x_in, modality, weight, rstd, dx, dweight, torch.get_num_threads())
     return dx, dweight
 
 
@@ -102,22 +73,11 @@ def layer_norm_fwd(
     x [T, D]; modality [T] int64; weight, bias [M, D] (bias may be None); residual [T, D] or None.
     Returns y [T, D], residual_out = s or None, mean [T] float32, rstd [T] float32.
     """
-    T, D = x.shape
-    M = weight.shape[0]
-    check_contiguous("norm", x=(x, (T, D), x.dtype), modality=(modality, (T,), torch.int64),
-                     weight=(weight, (M, D), x.dtype), bias=(bias, (M, D), x.dtype),
-                     residual=(residual, (T, D), x.dtype))  # fmt: skip
-    _check_modality(modality, M)
     y = torch.empty_like(x)
     residual_out = _like_or_none(x, residual is not None)
-    mean = torch.empty(T, dtype=torch.float32)
-    rstd = torch.empty(T, dtype=torch.float32)
-    if T:
-        _C.layer_norm_fwd(
-            x.data_ptr(), modality.data_ptr(), weight.data_ptr(), ptr(bias), ptr(residual), y.data_ptr(),
-            ptr(residual_out), mean.data_ptr(), rstd.data_ptr(), T, D, eps, DTYPE_CODE[x.dtype],
-            torch.get_num_threads(),
-        )  # fmt: skip
+    mean = torch.empty(x.shape[0], dtype=torch.float32)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32)
+    _C.layer_norm_fwd(x, modality, weight, bias, residual, y, residual_out, mean, rstd, eps, torch.get_num_threads())
     return y, residual_out, mean, rstd
 
 
@@ -136,20 +96,10 @@ def layer_norm_bwd(
     Shapes as in rms_norm_bwd, plus mean [T] float32. Returns dx [T, D] x.dtype, dweight [M, D] float32
     and dbias [M, D] float32 (per-modality sum of dy; None unless has_bias).
     """
-    T, D = x_in.shape
-    M = weight.shape[0]
-    check_contiguous("norm", dy=(dy, (T, D), x_in.dtype), dresidual_out=(dresidual_out, (T, D), x_in.dtype),
-                     x_in=(x_in, (T, D), x_in.dtype), modality=(modality, (T,), torch.int64),
-                     weight=(weight, (M, D), x_in.dtype), mean=(mean, (T,), torch.float32),
-                     rstd=(rstd, (T,), torch.float32))  # fmt: skip
-    _check_modality(modality, M)
     dx = torch.empty_like(x_in)
-    dweight = torch.zeros(M, D, dtype=torch.float32)
-    dbias = torch.zeros(M, D, dtype=torch.float32) if has_bias else None
-    if T:
-        _C.layer_norm_bwd(
-            dy.data_ptr(), ptr(dresidual_out), x_in.data_ptr(), modality.data_ptr(), weight.data_ptr(),
-            mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), ptr(dbias), T, D, M,
-            DTYPE_CODE[x_in.dtype], torch.get_num_threads(),
-        )  # fmt: skip
+    dweight = torch.zeros_like(weight, dtype=torch.float32)
+    dbias = torch.zeros_like(weight, dtype=torch.float32) if has_bias else None
+    _C.layer_norm_bwd(
+        dy, dresidual_out, x_in, modality, weight, mean, rstd, dx, dweight, dbias, torch.get_num_threads()
+    )
     return dx, dweight, dbias
