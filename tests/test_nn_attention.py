@@ -93,13 +93,20 @@ def test_shared_kv_config_is_the_routed_one_with_equal_weights():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_modality_attention_refuses_missing_rope_or_cache():
+def test_modality_attention_refuses_what_it_would_ignore():
     block = _block()
     hidden, modality = torch.randn(1, 3, 64), torch.zeros(1, 3, dtype=torch.long)
+    positions = torch.arange(3)[None]
     with pytest.raises(ValueError, match="positions"):
         block(hidden, modality)
+    with pytest.raises(ValueError, match="not both"):
+        block(hidden, modality, positions, rope=rope_cos_sin(positions, 16, block.rope_theta))
     with pytest.raises(ValueError, match="needs a cache"):
-        block(hidden, modality, torch.arange(3)[None], prefill=False)
+        block(hidden, modality, positions, prefill=False)
+    cache = KVCache(num_layers=1, batch=1, num_kv_heads=2, max_len=8, head_dim=16)
+    kv_start, kv_end = fastmm.ops.key_ranges(modality=modality)
+    with pytest.raises(ValueError, match="prefill only"):
+        block(hidden, modality, positions, kv_start, kv_end, cache=cache, prefill=False)
 
 
 def test_kv_cache_writes_rows_at_their_own_positions():

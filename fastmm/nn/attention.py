@@ -84,14 +84,15 @@ class ModalityAttention(nn.Module):
         """
         B, L, _ = hidden.shape
         Hq, Hkv = self.num_heads, self.num_kv_heads
+        if (positions is None) == (rope is None):
+            raise ValueError("ModalityAttention: give either positions [B, L] or rope (cos, sin), not both or neither")
         if rope is None:
-            if positions is None:
-                raise ValueError("ModalityAttention: give positions [B, L] or rope (cos, sin)")
             rope = rope_cos_sin(positions, self.head_dim, self.rope_theta)
         if prefill is None:
             prefill = cache is None or kv_start is not None
-        if cache is None and not prefill:
-            raise ValueError("ModalityAttention: decoding (prefill=False) needs a cache")
+        if not prefill and (cache is None or kv_start is not None or kv_end is not None):
+            raise ValueError("ModalityAttention: decoding (prefill=False) needs a cache and attends all of it: "
+                             "key ranges (kv_start, kv_end) apply to prefill only")  # fmt: skip
         heads = self._project(hidden, modality).view(B, L, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H, L, d)
         qk = apply_rope(heads[:, : Hq + Hkv], *rope)  # q and k heads rotated in one pass
         q, k, v = qk[:, :Hq], qk[:, Hq:], heads[:, Hq + Hkv :]
