@@ -15,7 +15,9 @@ from fastmm.ops._spec import DECLARED  # importing fastmm.ops declares every fam
 
 BACKENDS = ("reference", "native", "triton")
 OPS = pathlib.Path(__file__).resolve().parents[1] / "fastmm" / "ops"
-FAMILIES = ("attention", "linear", "norm", "routed_linear", "sampling", "vq")
+# Every public ops module is a family that declares kernels, except the fused decode step, whose backends each
+# supply a DecodeLayerRunner (tests/test_decode_layer.py).
+FAMILIES = tuple(sorted(p.stem for p in OPS.glob("*.py") if not p.stem.startswith("_") and p.stem != "decode_layer"))
 
 
 def _mismatches(module, family: str, backend: str) -> list[str]:

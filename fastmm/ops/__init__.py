@@ -3,6 +3,7 @@
 Each is also registered as ``torch.ops.fastmm.<name>`` for torch.compile and autograd."""
 
 from fastmm.ops.attention import decode_attention, key_ranges, span_attention
+from fastmm.ops.fusion import resolution_fusion, resolution_slow_branch
 from fastmm.ops.linear import linear
 from fastmm.ops.norm import modality_layer_norm, modality_rms_norm
 from fastmm.ops.routed_linear import routed_linear
@@ -20,4 +21,6 @@ __all__ = [
     "decode_attention",
     "linear",
     "cfg_sample",
+    "resolution_slow_branch",
+    "resolution_fusion",
 ]
