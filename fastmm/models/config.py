@@ -33,6 +33,26 @@ class VisionConfig:
 
 
 @dataclasses.dataclass
+class DualResolutionConfig:
+    """LLaVA-HR's dual-resolution understanding path: the image comes in at ``image_size``; a ConvNeXt
+    (transformers' ConvNextModel, total stride 32) reads it there, the ViT reads it resized to
+    vision.image_size, and ResolutionAdapters fuse the ConvNeXt's last map into the ViT stream after the
+    blocks in ``adapter_after`` and once more before the aligner. The decoder gets as many tokens per image as
+    the plain ViT path would."""
+
+    image_size: int = 1024  # input side in pixels (the conv path's resolution)
+    conv_hidden_sizes: tuple[int, ...] = (192, 384, 768, 1536)  # ConvNeXt stage widths; the last is c
+    conv_depths: tuple[int, ...] = (3, 3, 27, 3)  # ConvNeXt blocks per stage (ConvNeXt-L)
+    adapter_after: tuple[int, ...] = (5, 11, 17)  # ViT block indices (0-based) followed by an adapter
+    kernel_size: int = 7  # the adapters' depthwise convolution
+    fold_projector: bool = True  # fold the final align into the aligner's first Linear
+
+    @property
+    def conv_grid(self) -> int:
+        return self.image_size // 32
+
+
+@dataclasses.dataclass
 class ImageGenConfig:
     """Discrete image output. Janus: token id -> code embedding -> aligner -> decoder input, and a head
     from the decoder's last hidden state to scores over the codebook. Chameleon / Emu3 (``shared_vocab_start``
@@ -92,6 +112,7 @@ class UnifiedConfig:
     pad_token_id: int | None = 100015  # fills the unconditional prompt of classifier-free guidance
     boi_token_id: int | None = 100016  # begin-of-image: ends an image-generation prompt
     vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
+    dual_resolution: DualResolutionConfig | None = None  # LLaVA-HR's high-resolution conv path beside the ViT
     image_gen: ImageGenConfig | None = dataclasses.field(default_factory=ImageGenConfig)
     vq: VQConfig | None = dataclasses.field(default_factory=VQConfig)
 
@@ -128,6 +149,30 @@ class UnifiedConfig:
             raise ValueError(
                 f"UnifiedConfig: vision.aligner_width ({self.vision.aligner_width}) must equal hidden_size "
                 f"({self.hidden_size}): aligned image features are decoder inputs"
+            )
+
+        if self.dual_resolution is not None:
+            self._check_dual_resolution()
+
+    def _check_dual_resolution(self) -> None:
+        dual, vision = self.dual_resolution, self.vision
+        if vision is None:
+            raise ValueError("UnifiedConfig: dual_resolution needs vision (the ViT path it fuses into)")
+        if dual.image_size % 32 or not dual.conv_hidden_sizes or len(dual.conv_hidden_sizes) != len(dual.conv_depths):
+            raise ValueError(
+                f"UnifiedConfig: dual_resolution needs image_size a multiple of 32 and one depth per conv stage, got "
+                f"image_size={dual.image_size}, conv_hidden_sizes={dual.conv_hidden_sizes}, conv_depths={dual.conv_depths}"
+            )
+        vit_grid, conv_grid = vision.image_size // vision.patch_size, dual.conv_grid
+        if not (conv_grid <= vit_grid or conv_grid % vit_grid == 0):
+            raise ValueError(
+                f"UnifiedConfig: the conv grid ({conv_grid} = dual_resolution.image_size / 32) must be at most the "
+                f"ViT grid ({vit_grid}) or an integer multiple of it"
+            )
+        if any(not 0 <= i < vision.num_layers for i in dual.adapter_after):
+            raise ValueError(
+                f"UnifiedConfig: dual_resolution.adapter_after must index ViT blocks [0, {vision.num_layers}), "
+                f"got {dual.adapter_after}"
             )
 
     def to_dict(self) -> dict[str, Any]:

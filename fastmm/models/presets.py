@@ -34,6 +34,11 @@ _VQ = {  # tokenizer decoder: 24 x 24 tokens -> 24 * 2^(levels - 1) pixels per s
     "small": dict(base_channels=32, latent_channels=64, channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=1),
     "1b": dict(base_channels=128, latent_channels=256, channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2),
 }
+_DUAL_RESOLUTION = {  # LLaVA-HR's conv path at twice the ViT's resolution: the same 24 x 24 grid after stride 32
+    "tiny": dict(conv_hidden_sizes=(16, 32, 48, 64), conv_depths=(1, 1, 1, 1), adapter_after=(0,)),
+    "small": dict(conv_hidden_sizes=(32, 64, 128, 256), conv_depths=(1, 1, 2, 1), adapter_after=(0, 1)),
+    "1b": dict(conv_hidden_sizes=(192, 384, 768, 1536), conv_depths=(3, 3, 27, 3), adapter_after=(5, 11, 17)),
+}
 PRESETS = tuple(_TEXT)
 
 
@@ -66,17 +71,25 @@ def save_random_janus(path: str | Path, preset: str = "tiny", seed: int = 0) -> 
     return Path(path)
 
 
-def demo_config(preset: str = "tiny"):
+def demo_config(preset: str = "tiny", dual_resolution: bool = False):
     """The UnifiedConfig of ``preset`` without transformers (``fastmm generate --demo`` builds the model from
-    it with random weights)."""
+    it with random weights). dual_resolution=True adds LLaVA-HR's high-resolution ConvNeXt path and adapters
+    (images then come in at twice the ViT's side; building that model needs transformers)."""
+    import dataclasses
+
+    from fastmm.models.config import DualResolutionConfig
     from fastmm.models.convert import ARCHITECTURE, config_from_janus
 
     config = {"model_type": "janus", "architectures": [ARCHITECTURE], **janus_config_dict(preset)}
     generation = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "generation_kwargs": {"boi_token_id": BOI}}
-    return config_from_janus(config, generation)
+    unified = config_from_janus(config, generation)
+    if not dual_resolution:
+        return unified
+    dual = DualResolutionConfig(image_size=2 * unified.vision.image_size, **_DUAL_RESOLUTION[preset])
+    return dataclasses.replace(unified, dual_resolution=dual)
 
 
-def demo_model(preset: str = "tiny", dtype=None, device="cpu"):
+def demo_model(preset: str = "tiny", dtype=None, device="cpu", dual_resolution: bool = False):
     """A random-weight UnifiedModel of ``preset`` (tiny, small, 1b), seeded, in eval mode, no checkpoint
     (``fastmm generate --demo``, ``fastmm profile --demo``). dtype defaults to float32."""
     import torch
@@ -87,6 +100,6 @@ def demo_model(preset: str = "tiny", dtype=None, device="cpu"):
         raise ValueError(f"demo_model: preset must be one of {PRESETS}, got {preset!r}")
     torch.manual_seed(0)
     with torch.device(device):
-        model = UnifiedModel(demo_config(preset)).to(dtype or torch.float32).eval()
+        model = UnifiedModel(demo_config(preset, dual_resolution)).to(dtype or torch.float32).eval()
     model.refresh_generation_table()
     return model

@@ -22,7 +22,7 @@ from fastmm import ops
 from fastmm.models import convert
 from fastmm.models.config import UnifiedConfig
 from fastmm.models.decoder import Decoder
-from fastmm.models.vision import AlignerMLP, VisionEncoder
+from fastmm.models.vision import AlignerMLP, DualResolutionVision, VisionEncoder
 from fastmm.models.vq_tokenizer import VQTokenizer
 from fastmm.nn.linear import Linear
 from fastmm.nn.rope import rope_table
@@ -48,7 +48,11 @@ class UnifiedModel(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.decoder.embed_tokens.weight
-        self.vision = VisionEncoder(config.vision) if config.vision is not None else None
+        self.vision = None
+        if config.dual_resolution is not None:
+            self.vision = DualResolutionVision(config.vision, config.dual_resolution)
+        elif config.vision is not None:
+            self.vision = VisionEncoder(config.vision)
         gen = config.image_gen
         self.gen_head = None
         if gen is not None and not gen.shared_vocab:
@@ -160,6 +164,15 @@ class UnifiedModel(nn.Module):
                 f"expected {features.shape[1]} per image for {features.shape[0]} images = {features.shape[0] * features.shape[1]}"
             )
         return embeds.masked_scatter(placeholders[..., None], features.reshape(-1, features.shape[-1]))
+
+    def prompt_modality(self, input_ids: torch.Tensor, with_images: bool) -> torch.Tensor:
+        """Each prompt position's modality [B, L]: 1 (image) at the image placeholders when images fill them
+        and the model is modality-adaptive (mPLUG-Owl2: image rows take the image norms and K / V
+        projections), else 0 (text)."""
+        image = with_images and self.config.modality_adaptive
+        if not image:
+            return torch.zeros_like(input_ids, dtype=torch.int64)
+        return (input_ids == self.config.image_token_id).to(torch.int64)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmm import ops
-from fastmm.models.config import VisionConfig
+from fastmm.models.config import DualResolutionConfig, VisionConfig
+from fastmm.nn.fusion import DualResolutionEncoder, ResolutionAdapter, ResolutionAlign
 from fastmm.nn.norm import ModalityLayerNorm
 
 
@@ -23,7 +24,10 @@ class AlignerMLP(nn.Module):
         self.hidden_layers = nn.ModuleList(nn.Linear(width, width) for _ in range(1, depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
+        return self.tail(self.fc1(x))
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything after fc1 (DualResolutionVision folds its final align into fc1)."""
         for layer in self.hidden_layers:
             x = layer(F.gelu(x))
         return x
@@ -50,6 +54,10 @@ class VisionAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+def _single_modality(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
+
+
 def _layer_norm(config: VisionConfig) -> ModalityLayerNorm:
     """fastmm's LayerNorm with one modality: the weight and bias are [1, hidden] (the loader adds the axis)."""
     return ModalityLayerNorm(1, config.hidden_size, eps=config.layer_norm_eps)
@@ -65,8 +73,10 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, width)
         self.fc2 = nn.Linear(width, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """x [B, N, C], modality [B, N] zeros; the residual add before norm2 fused into it."""
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, C], modality [B, N] zeros (None: made here); the residual add before norm2 fused into it."""
+        if modality is None:
+            modality = _single_modality(x)
         h, x = self.norm2(self.attn(self.norm1(x, modality)), modality, x)
         return x + self.fc2(F.gelu(self.fc1(h)))
 
@@ -95,3 +105,77 @@ class VisionEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, modality)
         return self.aligner(self.post_norm(x, modality))
+
+
+class PatchStem(nn.Module):
+    """pixels [B, C, S, S] -> patch tokens [B, (S / patch)^2, C] plus learned positions."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.position_embed = nn.Parameter(torch.zeros(config.num_patches, config.hidden_size))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        return x + self.position_embed
+
+
+class SingleModalityNorm(nn.Module):
+    """A ModalityLayerNorm with one modality, called as norm(x)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.norm = _layer_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, _single_modality(x))
+
+
+class ConvNextPath(nn.Module):
+    """transformers' ConvNextModel (random weights from its config; no download) -> its last feature map
+    [B, c, S / 32, S / 32]. transformers is imported here only: the dual-resolution path needs it."""
+
+    def __init__(self, dual: DualResolutionConfig, num_channels: int):
+        super().__init__()
+        try:
+            from transformers import ConvNextConfig, ConvNextModel
+        except ImportError as error:  # pragma: no cover - transformers is a test dependency
+            raise ImportError("UnifiedConfig.dual_resolution needs transformers (its ConvNext): pip install transformers") from error
+        config = ConvNextConfig(num_channels=num_channels, hidden_sizes=list(dual.conv_hidden_sizes),
+                                depths=list(dual.conv_depths), image_size=dual.image_size)  # fmt: skip
+        self.convnext = ConvNextModel(config)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.convnext(pixels.to(self.convnext.embeddings.patch_embeddings.weight.dtype)).last_hidden_state
+
+
+class DualResolutionVision(nn.Module):
+    """LLaVA-HR's understanding path at fastmm.nn.DualResolutionEncoder: pixels [B, C, S, S] at
+    dual.image_size -> aligned features [B, (vision.image_size / patch)^2, decoder hidden], the same count of
+    tokens as VisionEncoder gives."""
+
+    def __init__(self, config: VisionConfig, dual: DualResolutionConfig):
+        super().__init__()
+        self.config, self.dual = config, dual
+        conv_channels = dual.conv_hidden_sizes[-1]
+        self.aligner = AlignerMLP(config.hidden_size, config.aligner_width, config.aligner_depth)
+        grid = config.image_size // config.patch_size
+        self.encoder = DualResolutionEncoder(
+            vit_stem=PatchStem(config),
+            vit_blocks=[VisionBlock(config) for _ in range(config.num_layers)],
+            conv_path=ConvNextPath(dual, config.num_channels),
+            adapters=[ResolutionAdapter(config.hidden_size, conv_channels, dual.kernel_size) for _ in dual.adapter_after],
+            adapter_after=dual.adapter_after,
+            align=ResolutionAlign(config.hidden_size, conv_channels),
+            vit_resolution=config.image_size,
+            grid=(grid, grid),
+            vit_norm=SingleModalityNorm(config),
+            projector_in=self.aligner.fc1,
+            fold_projector=dual.fold_projector,
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size, channels = self.dual.image_size, self.config.num_channels
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (channels, size, size):
+            raise ValueError(f"DualResolutionVision: images must be [B, {channels}, {size}, {size}], got {tuple(pixels.shape)}")
+        return self.aligner.tail(self.encoder(pixels))

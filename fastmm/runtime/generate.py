@@ -270,8 +270,8 @@ def generate_text(
     device = embeds.device
     seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
     cache = model.decoder.new_cache(B, L + max_new_tokens)
-    modality = torch.zeros(B, L, dtype=torch.int64, device=device)
-    hidden = model.decoder(embeds, modality, cache, prefill=True)[:, -1]
+    hidden = model.decoder(embeds, model.prompt_modality(input_ids, images is not None), cache, prefill=True)[:, -1]
+    text = torch.zeros(B, 1, dtype=torch.int64, device=device)  # every generated token is text
     eos = config.eos_token_id
     fill = config.pad_token_id if config.pad_token_id is not None else eos
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -291,5 +291,5 @@ def generate_text(
                 new_tokens.pop()  # sampled after every row had finished: the stop came one step late
             break
         embed = model.decoder.embed_tokens(ids)[:, None]  # (B, 1, hidden)
-        hidden = model.decoder(embed, modality[:, :1], cache, prefill=False)[:, -1]
+        hidden = model.decoder(embed, text, cache, prefill=False)[:, -1]
     return torch.stack(new_tokens, dim=1)
