@@ -84,6 +84,16 @@ def _valid_args(entry: str) -> dict:
         return {"logits": torch.randn(4, 10, generator=g), "offset": torch.tensor([3]),
                 "out": torch.empty(2, dtype=torch.int64), "scales": [2.0], "temperature": 1.0, "top_k": 0,
                 "top_p": 1.0, "lo": 0, "hi": 10, "log_softmax": False, "seed": 7, "num_threads": 1}  # fmt: skip
+    if entry == "fusion_depthwise_gelu":
+        B, gh, gw, d, k = 2, 3, 4, 8, 3
+        return {"y": torch.randn(B, gh * gw, d, generator=g), "s": torch.randn(B, gh * gw, d, generator=g),
+                "weight": torch.randn(k * k, d, generator=g), "bias": torch.randn(d, generator=g), "grid_h": gh,
+                "grid_w": gw, "h": torch.empty(B, gh * gw, d), "sums": torch.empty(B, 3, d), "num_threads": 1}  # fmt: skip
+    if entry == "fusion_blend":
+        B, n, d = 2, 6, 8
+        return {"y": torch.randn(B, n, d, generator=g), "s": torch.randn(B, n, d, generator=g),
+                "proj": torch.randn(B, n, d, generator=g), "bias": torch.randn(d, generator=g),
+                "gate": torch.randn(B, generator=g), "out": torch.empty(B, n, d), "num_threads": 1}  # fmt: skip
     if entry in ("span_attention_fwd", "decode_attention_fwd"):
         return _attention_args(decode=entry == "decode_attention_fwd")
     layer, fwd = entry.startswith("layer"), entry.endswith("fwd")
@@ -91,7 +101,7 @@ def _valid_args(entry: str) -> dict:
 
 
 ENTRIES = ["rms_norm_fwd", "layer_norm_fwd", "rms_norm_bwd", "layer_norm_bwd", "nearest_code", "skinny_linear",
-           "span_attention_fwd", "decode_attention_fwd", "cfg_sample"]  # fmt: skip
+           "span_attention_fwd", "decode_attention_fwd", "cfg_sample", "fusion_depthwise_gelu", "fusion_blend"]  # fmt: skip
 # Tensors an entry point accepts as None.
 OPTIONAL = {"residual", "residual_out", "bias", "dresidual_out", "dbias", "key_keep", "allowed", "offset"}
 # Tensors read through any non-negative strides (their spoiled layout is negative strides only).
@@ -127,6 +137,13 @@ def _refused(entry: str, name: str, bad, *words: str, base: dict | None = None) 
 
 
 # ---- every tensor of every entry point is checked ------------------------------------------------------------
+
+
+def test_every_entry_point_is_listed():
+    """A new entry point must get a valid call here, or its argument checks go untested. decode_layer takes raw
+    pointers (built once per runner, called per layer; it and its scratch size have their own tests)."""
+    entry_points = {name for name in dir(_C) if not name.startswith("_") and callable(getattr(_C, name))}
+    assert entry_points - {"decode_layer", "decode_layer_scratch_size"} == set(ENTRIES)
 
 
 @pytest.mark.parametrize("entry,name", _tensor_cases())
