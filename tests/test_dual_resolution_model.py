@@ -46,7 +46,10 @@ def _unfused_features(model, pixels):
     y = encoder.vit_norm(y)
     align = LlavaHrStyleAlign(*encoder.align.slow_proj.weight.shape)
     align.load_state_dict(encoder.align.state_dict())
-    return vision.aligner(align(y, x))
+    hidden = encoder.projector_in(align(y, x))  # the aligner: its first Linear, then (GELU, Linear)s
+    for layer in vision.aligner_layers:
+        hidden = layer(torch.nn.functional.gelu(hidden))
+    return hidden
 
 
 def test_dual_resolution_vision_equals_unfused(dual_model):
@@ -59,6 +62,11 @@ def test_dual_resolution_vision_equals_unfused(dual_model):
     vit_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
     assert got.shape == (2, vit_tokens, config.hidden_size)  # as many tokens as the plain ViT path
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_no_parameter_is_registered_twice(dual_model):
+    storages = [t.data_ptr() for t in dual_model.vision.state_dict().values()]
+    assert len(storages) == len(set(storages))
 
 
 def test_generate_text_with_dual_resolution(dual_model):

@@ -24,13 +24,14 @@ class AlignerMLP(nn.Module):
         self.hidden_layers = nn.ModuleList(nn.Linear(width, width) for _ in range(1, depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.fc1(x))
+        return gelu_then_linears(self.hidden_layers, self.fc1(x))
 
-    def tail(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything after fc1 (DualResolutionVision folds its final align into fc1)."""
-        for layer in self.hidden_layers:
-            x = layer(F.gelu(x))
-        return x
+
+def gelu_then_linears(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """An aligner after its first Linear: (GELU, Linear) per layer."""
+    for layer in layers:
+        x = layer(F.gelu(x))
+    return x
 
 
 class VisionAttention(nn.Module):
@@ -158,7 +159,10 @@ class DualResolutionVision(nn.Module):
         super().__init__()
         self.config, self.dual = config, dual
         conv_channels = dual.conv_hidden_sizes[-1]
-        self.aligner = AlignerMLP(config.hidden_size, config.aligner_width, config.aligner_depth)
+        aligner = AlignerMLP(config.hidden_size, config.aligner_width, config.aligner_depth)
+        # The aligner's first Linear is the encoder's projector_in (the final align folds into it); its other
+        # layers stay here, so no parameter is registered twice.
+        self.aligner_layers = aligner.hidden_layers
         grid = config.image_size // config.patch_size
         self.encoder = DualResolutionEncoder(
             vit_stem=PatchStem(config),
@@ -170,7 +174,7 @@ class DualResolutionVision(nn.Module):
             vit_resolution=config.image_size,
             grid=(grid, grid),
             vit_norm=SingleModalityNorm(config),
-            projector_in=self.aligner.fc1,
+            projector_in=aligner.fc1,
             fold_projector=dual.fold_projector,
         )
 
@@ -178,4 +182,4 @@ class DualResolutionVision(nn.Module):
         size, channels = self.dual.image_size, self.config.num_channels
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (channels, size, size):
             raise ValueError(f"DualResolutionVision: images must be [B, {channels}, {size}, {size}], got {tuple(pixels.shape)}")
-        return self.aligner.tail(self.encoder(pixels))
+        return gelu_then_linears(self.aligner_layers, self.encoder(pixels))
