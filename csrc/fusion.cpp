@@ -56,10 +56,9 @@ inline f32x16 gelu_lanes(f32x16 x) { return 0.5f * x * (1.f + erf_lanes(x * 0.70
 // ---- native vectors ---------------------------------------------------------------------------------------
 
 // f32x16 (common.h) is one register only with AVX-512. Elsewhere GCC 12 keeps a 16-lane value that lives across
-// loop iterations (an accumulator) in memory and moves it through general registers at every update: with
-// f32x16 accumulators the depthwise pass took 20 ms at 32 x 32 tokens, d = 1024, on one AVX2 core, against
-// 5 ms now. So values carried by loops are native vectors (Lanes) here, and f32x16 values only per-token
-// temporaries.
+// loop iterations (an accumulator) in memory and moves it through general registers at every update, which
+// made the depthwise pass several times slower on AVX2 (figures in the note of the fusion issue). So values
+// carried by loops are native vectors (Lanes) here, and f32x16 values only per-token temporaries.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int64_t kLanes = 16;
 #elif defined(__AVX__)
@@ -155,7 +154,7 @@ void load_taps(const DwProblem& pb, int64_t c0, int64_t width, ChunkBuffers& buf
 
 // The passes over y, s and h read a chunk's channels token by token, d elements apart: at d = 1024 each run
 // starts on a new page, where hardware prefetchers stop. So they prefetch the run kAhead tokens ahead, which
-// made the pass 10-15 % faster on data that had left the caches (32 x 32 tokens, d = 1024, 2 AVX2 threads).
+// helps when the data has left the caches.
 constexpr int64_t kAhead = 4;
 
 // Prefetches the `count` elements from p on, for reading (kWrite false) or for writing.

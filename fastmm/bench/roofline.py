@@ -75,7 +75,7 @@ def _copy_gb_s(mib: int, fresh: bool) -> float:
 
 
 # A GEMM this long measures the peak well; the size grows to reach it (or n). Where the CPU has no fast path for
-# a dtype (bf16 without AVX512_BF16 / AMX runs at about 1 GFLOP/s), a fixed 4096^3 product took tens of minutes.
+# a dtype (bf16 without AVX512_BF16 / AMX), a fixed 4096^3 product takes tens of minutes.
 _GEMM_TARGET_S = 0.2
 
 

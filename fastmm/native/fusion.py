@@ -40,10 +40,10 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the adapter's GEMMs run in for activations of ``dtype``: ``dtype`` itself where the CPU has
     16-bit matrix instructions (bf16: AVX512_BF16 or AMX-BF16; fp16: AVX512_FP16 or AMX-FP16), else float32.
 
-    Without them torch's bf16 / fp16 CPU GEMMs take a slow path: on the 2-thread AVX2 AMD EPYC development host
-    a [1024, 1024] x [1024, 1024] torch.mm took 2.5 s in bf16 and 2.7 s in fp16, against 13-17 ms in fp32
-    (three runs each). There the 16-bit operands are widened to fp32 once and the GEMM's result is rounded once,
-    which is also closer to the reference (fp32 math, one rounding at the end).
+    Without them torch's bf16 / fp16 CPU GEMMs take a slow path, over a hundred times slower than fp32 (the
+    benchmark report's roofline line shows both on the machine it ran on). There the 16-bit operands are widened
+    to fp32 once and the GEMM's result is rounded once, which is also closer to the reference (fp32 math, one
+    rounding at the end).
     """
     caps = torch.cpu.get_capabilities()
     if dtype == torch.bfloat16 and (caps.get("avx512_bf16", False) or caps.get("amx_bf16", False)):

@@ -169,8 +169,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         return [fusion_case(stage, 6, 32, 48, torch.float32, device) for stage in (1, 3)]
     grid = [(stage, slow_dim, dtype) for slow_dim in (1536, 3072) for stage in (1, 3) for dtype in DTYPES]
     if device.type == "cpu" and gemm_dtype(torch.bfloat16) != torch.bfloat16:
-        # Without bf16 matrix instructions torch's bf16 convolutions take a slow path (one 7B adapter call:
-        # 15 s against 0.11 s in fp32 on the AVX2 development host): one bf16 case shows it; more would only
-        # add tens of minutes.
+        # Without bf16 matrix instructions torch's bf16 convolutions take a slow path, seconds per module call
+        # (the README's fusion table): one bf16 case shows it; more would only add tens of minutes.
         grid = [case for case in grid if case[2] != torch.bfloat16 or case[:2] == (1, 1536)]
     return [fusion_case(stage, 32, 1024, slow_dim, dtype, device) for stage, slow_dim, dtype in grid]
