@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
+from test_fusion import llava_hr_copies
 
-from fastmm.bench.suites.fusion import LlavaHrStyleAdapter, LlavaHrStyleAlign
 from fastmm.models import presets
 from fastmm.models.unified import UnifiedModel
 from fastmm.runtime import generate_text
@@ -34,18 +34,12 @@ def _unfused_features(model, pixels):
     low = torch.nn.functional.interpolate(pixels, size=(vision.config.image_size,) * 2, mode="bilinear", align_corners=True)
     y = encoder.vit_stem(low)
     x = encoder.conv_path(pixels)
-    modules = []
-    for adapter in encoder.adapters:
-        module = LlavaHrStyleAdapter(*adapter.slow_proj.weight.shape[:2], kernel_size=adapter.fast_conv.weight.shape[-1])
-        module.load_state_dict(adapter.state_dict())
-        modules.append(module)
+    modules, align = llava_hr_copies(encoder.adapters, encoder.align)
     for index, block in enumerate(encoder.vit_blocks):
         y = block(y)
         if index in encoder.adapter_after:
             y = modules[encoder.adapter_after.index(index)](y, x)
     y = encoder.vit_norm(y)
-    align = LlavaHrStyleAlign(*encoder.align.slow_proj.weight.shape)
-    align.load_state_dict(encoder.align.state_dict())
     hidden = encoder.projector_in(align(y, x))  # the aligner: its first Linear, then (GELU, Linear)s
     for layer in vision.aligner_layers:
         hidden = layer(torch.nn.functional.gelu(hidden))
@@ -90,6 +84,19 @@ def test_dual_resolution_refuses_low_resolution_images(dual_model):
     side = dual_model.config.vision.image_size
     with pytest.raises(ValueError, match="images must be"):
         dual_model.vision(torch.randn(1, 3, side, side))
+
+
+def test_three_stage_conv_path_pools_to_the_vit_grid():
+    """A three-stage ConvNeXt has stride 16, not 32: its map is twice the ViT grid here and is pooled."""
+    config = presets.demo_config("tiny", dual_resolution=True)
+    dual = dataclasses.replace(config.dual_resolution, conv_hidden_sizes=(16, 32, 48), conv_depths=(1, 1, 1))
+    config = dataclasses.replace(config, dual_resolution=dual)
+    assert dual.conv_stride == 16 and dual.conv_grid == 2 * config.vision.image_size // config.vision.patch_size
+    torch.manual_seed(0)
+    model = UnifiedModel(config).eval()
+    pixels = torch.randn(1, 3, dual.image_size, dual.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision(pixels), _unfused_features(model, pixels), rtol=1e-4, atol=1e-4)
 
 
 def test_dual_resolution_config_checks():

@@ -162,6 +162,24 @@ def test_backward_through_the_adapter(backend, device, conv_side):
         torch.testing.assert_close(g.cpu().double().reshape(e.shape), e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_native_16_bit_gemm_route(monkeypatch, dtype):
+    """On CPUs with bf16 / fp16 matrix instructions the native launchers run their GEMMs in the 16-bit dtype (h
+    stored in it, the blend written into the GEMM's output): forced here, against the reference."""
+    native = pytest.importorskip("fastmm.native.fusion")
+    monkeypatch.setattr(native, "gemm_dtype", lambda d: d)
+    x, y, slow, weights = _adapter_args(2, (5, 5), 16, 12, (10, 10), 2, dtype)
+    s = torch.randn(y.shape).to(dtype)
+    with fastmm.use_backend("native"):
+        got_slow = ops.resolution_slow_branch(x, *slow, 5)
+        got = ops.resolution_fusion(y, s, *weights, 5)
+    for name, g, fn, args in (("slow branch", got_slow, ref.resolution_slow_branch, (x, *slow, (5, 5))),
+                              ("fusion", got, ref.resolution_fusion, (y, s, *weights, (5, 5)))):  # fmt: skip
+        baseline = fn(*args)
+        truth = fn(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+        assert_error_ratio(f"{name} ({dtype} GEMMs)", g, baseline, truth)
+
+
 # ------------------------------------------------------------------------------------------------ the nn modules
 
 
@@ -187,11 +205,14 @@ def test_folded_projector_equals_projector_of_align():
     align = _randomize(ResolutionAlign(16, 24), 7)
     projector = _randomize(torch.nn.Linear(16, 32), 8)
     fast_w, slow_w, bias = align.folded_into(projector)
-    y, x = torch.randn(2, 16, 16), torch.randn(2, 24, 4, 4)
-    tokens = x.flatten(2).transpose(1, 2)
+    y, x = torch.randn(2, 16, 16), torch.randn(2, 24, 8, 8)
+    module = LlavaHrStyleAlign(16, 24)
+    module.load_state_dict(align.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(y @ fast_w.t() + tokens @ slow_w.t() + bias, projector(align(y, x)),
-                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        expected = projector(module(y, x))
+        torch.testing.assert_close(ops.fusion.folded_align(y, x, fast_w, slow_w, bias, 4), expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="weight_x"):
+            ops.fusion.folded_align(y, x, fast_w, slow_w[:, :5], bias, 4)
 
 
 def _tiny_encoder(fold: bool, conv_side: int = 8):
@@ -221,9 +242,24 @@ def _tiny_encoder(fold: bool, conv_side: int = 8):
     return encoder.eval(), (Stem, blocks, conv, adapters, align, projector)
 
 
+def llava_hr_copies(adapters, align):
+    """LLaVA-HR-style NCHW modules holding the same weights: the independent formulation of the encoder."""
+    modules = []
+    for adapter in adapters:
+        module = LlavaHrStyleAdapter(*adapter.slow_proj.weight.shape[:2], kernel_size=adapter.fast_conv.weight.shape[-1])
+        module.load_state_dict(adapter.state_dict())
+        modules.append(module)
+    align_module = LlavaHrStyleAlign(*align.slow_proj.weight.shape)
+    align_module.load_state_dict(align.state_dict())
+    return modules, align_module
+
+
 @pytest.mark.parametrize("conv_side", [4, 8], ids=["identity", "pool"])
 def test_dual_resolution_encoder_equals_unfused_composition(conv_side):
+    """The encoder (slow branches hoisted, align folded) against LLaVA-HR's wiring of NCHW modules: each adapter
+    computes its own slow branch, the align and the projector run one after the other."""
     encoder, (_, blocks, conv, adapters, align, projector) = _tiny_encoder(fold=True, conv_side=conv_side)
+    modules, align_module = llava_hr_copies(adapters, align)
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         got = encoder(pixels)
@@ -233,8 +269,8 @@ def test_dual_resolution_encoder_equals_unfused_composition(conv_side):
         for index, block in enumerate(blocks):
             y = block(y)
             if index in (0, 2):
-                y = adapters[(0, 2).index(index)](y, x)  # each adapter computes its own slow branch
-        expected = projector(align(y, x))
+                y = modules[(0, 2).index(index)](y, x)
+        expected = projector(align_module(y, x))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert encoder._fold_cache is not None
 
@@ -253,12 +289,16 @@ def test_fold_cache_follows_parameter_updates():
 
 
 def test_stacked_slow_branch_equals_each_adapter():
+    """Adapter a's slice of the stacked op is that adapter's own slow branch (the reference, one adapter at a
+    time, in fp64)."""
     adapters = [_randomize(ResolutionAdapter(8, 6), 40 + i) for i in range(3)]
     x = torch.randn(2, 6, 4, 4)
     with torch.no_grad():
         stacked = stacked_slow_branch(adapters, x, (4, 4))
         for a, adapter in enumerate(adapters):
-            torch.testing.assert_close(stacked[a], adapter.slow_branch(x, (4, 4)))
+            weights = (w.double() for w in adapter.slow_weights())
+            expected = ref.slow_branch(x.double(), *weights, (4, 4))
+            torch.testing.assert_close(stacked[a].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

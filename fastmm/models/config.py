@@ -35,10 +35,10 @@ class VisionConfig:
 @dataclasses.dataclass
 class DualResolutionConfig:
     """LLaVA-HR's dual-resolution understanding path: the image comes in at ``image_size``; a ConvNeXt
-    (transformers' ConvNextModel, total stride 32) reads it there, the ViT reads it resized to
-    vision.image_size, and ResolutionAdapters fuse the ConvNeXt's last map into the ViT stream after the
-    blocks in ``adapter_after`` and once more before the aligner. The decoder gets as many tokens per image as
-    the plain ViT path would."""
+    (transformers' ConvNextModel, total stride 4 * 2^(stages - 1): 32 with four stages) reads it there, the
+    ViT reads it resized to vision.image_size, and ResolutionAdapters fuse the ConvNeXt's last map into the
+    ViT stream after the blocks in ``adapter_after`` and once more before the aligner. The decoder gets as many
+    tokens per image as the plain ViT path would."""
 
     image_size: int = 1024  # input side in pixels (the conv path's resolution)
     conv_hidden_sizes: tuple[int, ...] = (192, 384, 768, 1536)  # ConvNeXt stage widths; the last is c
@@ -48,8 +48,13 @@ class DualResolutionConfig:
     fold_projector: bool = True  # fold the final align into the aligner's first Linear
 
     @property
+    def conv_stride(self) -> int:
+        """Pixels per conv-map cell: ConvNeXt's 4x4 stem, then a 2x downsampling before every later stage."""
+        return 4 * 2 ** (len(self.conv_hidden_sizes) - 1)
+
+    @property
     def conv_grid(self) -> int:
-        return self.image_size // 32
+        return self.image_size // self.conv_stride
 
 
 @dataclasses.dataclass
@@ -158,15 +163,18 @@ class UnifiedConfig:
         dual, vision = self.dual_resolution, self.vision
         if vision is None:
             raise ValueError("UnifiedConfig: dual_resolution needs vision (the ViT path it fuses into)")
-        if dual.image_size % 32 or not dual.conv_hidden_sizes or len(dual.conv_hidden_sizes) != len(dual.conv_depths):
+        if not dual.conv_hidden_sizes or len(dual.conv_hidden_sizes) != len(dual.conv_depths) or (
+            dual.image_size % dual.conv_stride
+        ):
             raise ValueError(
-                f"UnifiedConfig: dual_resolution needs image_size a multiple of 32 and one depth per conv stage, got "
+                f"UnifiedConfig: dual_resolution needs one depth per conv stage and image_size a multiple of the conv "
+                f"stride (4 * 2^(stages - 1)), got "
                 f"image_size={dual.image_size}, conv_hidden_sizes={dual.conv_hidden_sizes}, conv_depths={dual.conv_depths}"
             )
         vit_grid, conv_grid = vision.image_size // vision.patch_size, dual.conv_grid
         if not (conv_grid <= vit_grid or conv_grid % vit_grid == 0):
             raise ValueError(
-                f"UnifiedConfig: the conv grid ({conv_grid} = dual_resolution.image_size / 32) must be at most the "
+                f"UnifiedConfig: the conv grid ({conv_grid} = dual_resolution.image_size / {dual.conv_stride}) must be at most the "
                 f"ViT grid ({vit_grid}) or an integer multiple of it"
             )
         if any(not 0 <= i < vision.num_layers for i in dual.adapter_after):

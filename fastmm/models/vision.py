@@ -55,6 +55,12 @@ class VisionAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+def patch_tokens(patch_embed: nn.Conv2d, position_embed: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """pixels [B, C, S, S] -> patch tokens [B, N, C'] (the patch convolution, token-major) plus positions."""
+    x = patch_embed(pixels.to(patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+    return x + position_embed
+
+
 def _single_modality(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
 
@@ -100,8 +106,7 @@ class VisionEncoder(nn.Module):
             raise ValueError(
                 f"VisionEncoder: images must be [B, {self.config.num_channels}, {size}, {size}], got {tuple(pixels.shape)}"
             )
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
-        x = x + self.position_embed
+        x = patch_tokens(self.patch_embed, self.position_embed, pixels)
         modality = torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
         for block in self.blocks:
             x = block(x, modality)
@@ -117,8 +122,7 @@ class PatchStem(nn.Module):
         self.position_embed = nn.Parameter(torch.zeros(config.num_patches, config.hidden_size))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
-        return x + self.position_embed
+        return patch_tokens(self.patch_embed, self.position_embed, pixels)
 
 
 class SingleModalityNorm(nn.Module):
@@ -142,8 +146,9 @@ class ConvNextPath(nn.Module):
             from transformers import ConvNextConfig, ConvNextModel
         except ImportError as error:  # pragma: no cover - transformers is a test dependency
             raise ImportError("UnifiedConfig.dual_resolution needs transformers (its ConvNext): pip install transformers") from error
-        config = ConvNextConfig(num_channels=num_channels, hidden_sizes=list(dual.conv_hidden_sizes),
-                                depths=list(dual.conv_depths), image_size=dual.image_size)  # fmt: skip
+        config = ConvNextConfig(num_channels=num_channels, num_stages=len(dual.conv_hidden_sizes),
+                                hidden_sizes=list(dual.conv_hidden_sizes), depths=list(dual.conv_depths),
+                                image_size=dual.image_size)  # fmt: skip
         self.convnext = ConvNextModel(config)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastmm import ops
-from fastmm.ops.fusion import conv_map_tokens
+from fastmm.ops.fusion import conv_map_tokens, folded_align, square_grid
 
 Tensor = torch.Tensor
 
@@ -59,7 +59,7 @@ class ResolutionAdapter(nn.Module):
         if (x is None) == (slow is None):
             raise ValueError("ResolutionAdapter: pass exactly one of x (the conv map) and slow (its slow branch)")
         if slow is None:
-            slow = self.slow_branch(x, grid if grid is not None else _square(y.shape[1]))
+            slow = self.slow_branch(x, grid if grid is not None else square_grid(y.shape[1], "ResolutionAdapter"))
         linear1, linear2 = self.gate[0], self.gate[2]
         return ops.resolution_fusion(
             y, slow, self.fast_conv.weight, self.fast_conv.bias, self.fast_proj.weight, self.fast_proj.bias,
@@ -67,18 +67,12 @@ class ResolutionAdapter(nn.Module):
         )  # fmt: skip
 
 
-def _square(tokens: int) -> int:
-    side = int(round(tokens**0.5))
-    if side * side != tokens:
-        raise ValueError(f"{tokens} tokens do not form a square grid: pass grid=(h, w)")
-    return side
-
-
 def stacked_slow_branch(adapters: Sequence[ResolutionAdapter], x: Tensor, grid) -> Tensor:
     """The slow branches of several adapters over one conv map, [A, B, n, d]: one op, whose kernels run every
-    adapter's slow_conv as one GEMM. Stacking copies the weights (about 3 c^2 values for three adapters), a few
-    percent of the GEMMs they feed."""
-    stacked = [torch.stack(parts) for parts in zip(*(adapter.slow_weights() for adapter in adapters))]
+    adapter's slow_conv as one GEMM. Stacking several adapters copies their weights (about 3 c^2 values for
+    three), little next to the GEMMs they feed; one adapter's are views."""
+    weights = zip(*(adapter.slow_weights() for adapter in adapters))
+    stacked = [parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts) for parts in weights]
     return ops.resolution_slow_branch(x, *stacked, grid)
 
 
@@ -91,7 +85,7 @@ class ResolutionAlign(nn.Module):
         self.slow_proj = nn.Linear(slow_dim, fast_dim, device=device, dtype=dtype)
 
     def forward(self, y: Tensor, x: Tensor, grid=None) -> Tensor:
-        tokens = conv_map_tokens(x, grid if grid is not None else _square(y.shape[1]))
+        tokens = conv_map_tokens(x, grid if grid is not None else square_grid(y.shape[1], "ResolutionAlign"))
         return self.fast_proj(y) + self.slow_proj(tokens)
 
     def folded_into(self, linear: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
@@ -206,9 +200,7 @@ class DualResolutionEncoder(nn.Module):
             return self.align(y, x, self.grid)
         if not self.fold_projector or self._records_grad():
             return self.projector_in(self.align(y, x, self.grid))
-        fast_w, slow_w, bias = self._folded()
-        out = torch.addmm(bias, y.reshape(-1, y.shape[-1]), fast_w.t()).view(*y.shape[:-1], -1)
-        return out.baddbmm_(conv_map_tokens(x, self.grid), slow_w.t().expand(y.shape[0], -1, -1))
+        return folded_align(y, x, *self._folded(), self.grid)
 
     def _records_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())

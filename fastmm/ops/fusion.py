@@ -108,13 +108,19 @@ resolution_fusion_fwd.register_autograd(_fusion_backward, setup_context=_setup_s
 # ------------------------------------------------------------------------------------------------ validation
 
 
+def square_grid(tokens: int, op: str = "fusion") -> tuple[int, int]:
+    """The square ViT grid (side, side) of ``tokens`` tokens (LLaVA-HR's only kind); an error naming ``op`` when
+    tokens is not a square."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{op}: y has {tokens} tokens, not a square grid: pass grid=(h, w) with h * w = {tokens}")
+    return side, side
+
+
 def _grid(op: str, grid: object, tokens: int | None) -> tuple[int, int]:
     """grid as (h, w): an int n means (n, n); None means the square grid of ``tokens``."""
     if grid is None:
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise ValueError(f"{op}: y has {tokens} tokens, not a square grid: pass grid=(h, w) with h * w = {tokens}")
-        return side, side
+        return square_grid(tokens, op)
     if isinstance(grid, int) and not isinstance(grid, bool):
         grid = (grid, grid)
     if (
@@ -268,3 +274,32 @@ def conv_map_tokens(x: Tensor, grid) -> Tensor:
     elif kind == "pool":
         x = F.avg_pool2d(x, x.shape[-2] // grid[0])
     return x.flatten(2).transpose(1, 2)
+
+
+def folded_align(y: Tensor, x: Tensor, weight_y: Tensor, weight_x: Tensor, bias: Tensor, grid) -> Tensor:
+    """A Linear after LLaVA-HR's final align, folded (ResolutionAlign.folded_into): y W_y^T + x_tok W_x^T + b with
+    x_tok = conv_map_tokens(x, grid). Two GEMMs, the second accumulating into the first's output, so the
+    concatenation [y | x_tok] is never built.
+
+    Args:
+        y: [B, n, d]; x: [B, c, hs, ws]; weight_y: [D, d]; weight_x: [D, c]; bias: [D]; grid as conv_map_tokens.
+    Returns:
+        [B, n, D] in y's dtype.
+    """
+    op = "folded_align"
+    v.check_tensor(op, "y", y)
+    v.check_float(op, "y", y)
+    v.check_dim(op, "y", y, 3, "[B, n, d] (the ViT stream, token-major)")
+    B, n, d = y.shape
+    _floats(op, "y", y, x=x, weight_y=weight_y, weight_x=weight_x, bias=bias)
+    v.check_dim(op, "weight_y", weight_y, 2, "[D, d]")
+    out_features = weight_y.shape[0]
+    v.check_shape(op, "weight_y", weight_y, (out_features, d), f"[D, d] with d = y.shape[-1] = {d}")
+    v.check_dim(op, "x", x, 4, "[B, c, hs, ws] (a conv feature map)")
+    v.check_shape(op, "weight_x", weight_x, (out_features, x.shape[1]), f"[D, c] with D = {out_features}, c = x.shape[1]")
+    v.check_shape(op, "bias", bias, (out_features,), "[D]")
+    tokens = conv_map_tokens(x, grid)
+    if tokens.shape[:2] != (B, n):
+        raise ValueError(f"{op}: x gives {tuple(tokens.shape[:2])} (images, tokens) on grid {grid}, y has {(B, n)}")
+    out = torch.addmm(bias, y.reshape(B * n, d), weight_y.t()).view(B, n, out_features)
+    return out.baddbmm_(tokens, weight_x.t().expand(B, -1, -1))
