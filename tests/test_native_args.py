@@ -96,12 +96,27 @@ def _valid_args(entry: str) -> dict:
                 "gate": torch.randn(B, generator=g), "out": torch.empty(B, n, d), "num_threads": 1}  # fmt: skip
     if entry in ("span_attention_fwd", "decode_attention_fwd"):
         return _attention_args(decode=entry == "decode_attention_fwd")
+    if entry == "attention_importance_fwd":
+        B, Hq, Hkv, R, S, n, d = 2, 4, 2, 3, 6, 5, 8
+        return {"q_rows": torch.randn(B, Hq, R, d, generator=g), "k": torch.randn(B, Hkv, S, d, generator=g),
+                "row_start": torch.zeros(B, R, dtype=torch.int32),
+                "row_end": torch.full((B, R), S, dtype=torch.int32), "lse": torch.full((B, Hq, R), 3.0),
+                "span_index": torch.tensor([[0, 2, 3, 5, -1]] * B, dtype=torch.int32), "out": torch.empty(B, n),
+                "scale": 0.25, "num_threads": 1}  # fmt: skip
+    if entry == "compact_tokens_fwd":
+        B, L, D, capacity = 2, 5, 4, 3
+        return {"hidden": torch.randn(B, L, D, generator=g), "positions": torch.arange(B * L).view(B, L),
+                "keep": torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 0]], dtype=torch.bool),
+                "hidden_out": torch.empty(B, capacity, D), "positions_out": torch.empty(B, capacity).long(),
+                "count": torch.empty(B, dtype=torch.int32), "source": torch.empty(B, capacity).long(),
+                "num_threads": 1}  # fmt: skip
     layer, fwd = entry.startswith("layer"), entry.endswith("fwd")
     return _norm_args(fwd, layer)
 
 
 ENTRIES = ["rms_norm_fwd", "layer_norm_fwd", "rms_norm_bwd", "layer_norm_bwd", "nearest_code", "skinny_linear",
-           "span_attention_fwd", "decode_attention_fwd", "cfg_sample", "fusion_depthwise_gelu", "fusion_blend"]  # fmt: skip
+           "span_attention_fwd", "decode_attention_fwd", "cfg_sample", "fusion_depthwise_gelu", "fusion_blend",
+           "attention_importance_fwd", "compact_tokens_fwd"]  # fmt: skip
 # Tensors an entry point accepts as None.
 OPTIONAL = {"residual", "residual_out", "bias", "dresidual_out", "dbias", "key_keep", "allowed", "offset"}
 # Tensors read through any non-negative strides (their spoiled layout is negative strides only).

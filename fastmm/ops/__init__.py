@@ -6,6 +6,7 @@ from fastmm.ops.attention import decode_attention, key_ranges, span_attention
 from fastmm.ops.fusion import resolution_fusion, resolution_slow_branch
 from fastmm.ops.linear import linear
 from fastmm.ops.norm import modality_layer_norm, modality_rms_norm
+from fastmm.ops.prune import attention_importance, compact_key_ranges, compact_tokens, span_keys, top_k_mask
 from fastmm.ops.routed_linear import routed_linear
 from fastmm.ops.sampling import cfg_sample
 from fastmm.ops.vq import vq_embed, vq_quantize
@@ -23,4 +24,9 @@ __all__ = [
     "cfg_sample",
     "resolution_slow_branch",
     "resolution_fusion",
+    "attention_importance",
+    "compact_tokens",
+    "compact_key_ranges",
+    "span_keys",
+    "top_k_mask",
 ]

@@ -244,7 +244,8 @@ def span_attention(
     mask: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where query i sees keys kv_start[b, i] <= j < kv_end[b, i] (build them with key_ranges).
 
     Args:
@@ -259,9 +260,13 @@ def span_attention(
             the mask as well (their bounding range per query) to skip work.
         softcap: logits become softcap * tanh(logit / softcap) before the mask is added (Gemma 2).
         sinks: [Hq] float, one extra logit per query head in every softmax's denominator (gpt-oss's s_aux).
+        return_lse: also return each query's softmax statistics, the log-sum-exp of its logits ([B, Hq, Lq] fp32,
+            the sink included; -inf for a query that attends nothing). With it, softmax probabilities are one
+            exponential each (fastmm.ops.attention_importance) and never need a [Lq, S] tensor.
 
     Returns:
-        [B, Hq, Lq, d] in q's dtype; a query that attends no key gets zeros. Math in fp32.
+        [B, Hq, Lq, d] in q's dtype; a query that attends no key gets zeros. Math in fp32. With return_lse,
+        (output, lse).
     """
     op = "span_attention"
     _check_qkv(op, q, k, v, "k")
@@ -277,7 +282,10 @@ def span_attention(
     scale = float(d**-0.5 if scale is None else scale)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), kv_start.int().contiguous(), kv_end.int().contiguous())
     o, lse = span_attention_fwd(*args, scale, key_keep, mask, softcap)
-    return o if sinks is None else reference.with_sinks(o, lse, sinks)
+    if sinks is not None:
+        o = reference.with_sinks(o, lse, sinks)
+        lse = torch.logaddexp(lse, sinks.float()[None, :, None])
+    return (o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------------- decode_attention
