@@ -30,10 +30,11 @@ def main(dtype: torch.dtype) -> None:
     runner = model.decoder._fused_decode_runner(step.embeds, step.cache, prefill=False)
     hidden = torch.randn(step.embeds.shape[0], model.config.hidden_size, dtype=dtype)
     logits = model.image_logits(hidden)
-    start_length, start_step = step.cache.lengths.clone(), step.step.clone()
+    start_length, start_position, start_step = step.cache.lengths.clone(), step.cache.positions.clone(), step.step.clone()
 
     def rewind() -> None:  # every timed call decodes at the same position, far from the cache's end
         step.cache.lengths.copy_(start_length)
+        step.cache.positions.copy_(start_position)
         step.step.copy_(start_step)
 
     streamed = [p for name, p in model.named_parameters() if name.startswith(("decoder.layers", "decoder.norm", "gen_head"))]

@@ -6,8 +6,8 @@
 //
 //   s = x (+ residual);  h = rms_norm(s) * input_norm[m]                 rms_norm_fwd (fused add)
 //   qkv = h Wqkv^T (+ b)                                                 skinny_linear
-//   q, k = rope(q, k) at positions;  cache[positions] = k, v             rotate_and_cache (here)
-//   o = decode_attention(q, cache, positions + 1)                        decode_attention_fwd
+//   q, k = rope(q, k) at positions;  cache[lengths] = k, v               rotate_and_cache (here)
+//   o = decode_attention(q, cache, lengths + 1)                          decode_attention_fwd
 //   a = o Wo^T (+ b);  s2 = a + s;  h2 = rms_norm(s2) * post_norm[m]     skinny_linear, rms_norm_fwd
 //   gate, up = h2 Wgu^T (+ b);  x_out = (silu(gate) * up) Wdown^T (+ b)  skinny_linear, swiglu (here)
 //
@@ -92,7 +92,7 @@ void rotate_head(const T* x, const float* cos, const float* sin, T* out, int64_t
 }
 
 // The rotated q heads of every row into q [B, Hq, d]; the rotated k heads and the v heads into the cache at
-// the row's position.
+// the row's cache length (rotated by the row's position, which a pruned prefill leaves larger).
 template <typename T>
 void rotate_and_cache(const DecodeLayerShape& sh, const DecodeLayerIO& io, const T* qkv, T* q) {
   const int64_t d = sh.head_dim, Hq = sh.q_heads, Hkv = sh.kv_heads;
@@ -105,7 +105,7 @@ void rotate_and_cache(const DecodeLayerShape& sh, const DecodeLayerIO& io, const
     const T* heads = qkv + b * (Hq + 2 * Hkv) * d;  // q heads, k heads, v heads
     for (int64_t h = 0; h < Hq; ++h) rotate_head(heads + h * d, cos, sin, q + (b * Hq + h) * d, d);
     for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t slot = ((b * Hkv + h) * sh.cache_size + position) * d;
+      const int64_t slot = ((b * Hkv + h) * sh.cache_size + io.cache_lengths[b]) * d;
       rotate_head(heads + (Hq + h) * d, cos, sin, k_cache + slot, d);
       std::memcpy(v_cache + slot, heads + (Hq + Hkv + h) * d, d * sizeof(T));
     }
@@ -162,7 +162,7 @@ void run_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const De
   rms_norm_fwd(io.x, io.modality, w.input_norm, io.residual, normed, sum, rstd, B, H, w.input_norm_eps, dtype, 1);
   skinny_linear(normed, H, w.qkv, H, w.qkv_bias, qkv, B, H, qkv_width, dtype, num_threads);
   rotate_and_cache<T>(sh, io, qkv, q);
-  std::vector<int32_t> cache_len(io.positions, io.positions + B);  // B ints; the kernels allocate more
+  std::vector<int32_t> cache_len(io.cache_lengths, io.cache_lengths + B);  // B ints; the kernels allocate more
   for (int32_t& length : cache_len) length += 1;                    // the new token is the last one attended
   decode_attention_fwd(q, io.k_cache, io.v_cache, cache_len.data(), attended, B, sh.q_heads, sh.kv_heads, 1,
                        sh.cache_size, d, std::pow(static_cast<double>(d), -0.5), dtype,
@@ -235,7 +235,7 @@ FASTMM_ENTRY_POINTS(m) {
   // Per-call buffers first, then the layer's constants, so that a caller can keep the latter in one tuple.
   m.def(
       "decode_layer",
-      [](uintptr_t x, uintptr_t residual, uintptr_t modality, uintptr_t positions, uintptr_t x_out,
+      [](uintptr_t x, uintptr_t residual, uintptr_t modality, uintptr_t positions, uintptr_t cache_lengths, uintptr_t x_out,
          uintptr_t residual_out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t rope_cos, uintptr_t rope_sin,
          uintptr_t scratch, int64_t scratch_size, uintptr_t input_norm, double input_norm_eps, uintptr_t qkv,
          uintptr_t qkv_bias, uintptr_t o, uintptr_t o_bias, uintptr_t post_attention_norm,
@@ -259,6 +259,7 @@ FASTMM_ENTRY_POINTS(m) {
                                        ptr<const void>(residual),
                                        ptr<const int64_t>(modality),
                                        ptr<const int32_t>(positions),
+                                       ptr<const int32_t>(cache_lengths),
                                        ptr<const float>(rope_cos),
                                        ptr<const float>(rope_sin),
                                        ptr<void>(k_cache),
@@ -269,7 +270,7 @@ FASTMM_ENTRY_POINTS(m) {
                                        scratch_size};
         fastmm::decode_layer(shape, weights, io, dtype, num_threads, attention_threads);
       },
-      pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("modality"), pybind11::arg("positions"), pybind11::arg("x_out"),
+      pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("modality"), pybind11::arg("positions"), pybind11::arg("cache_lengths"), pybind11::arg("x_out"),
       pybind11::arg("residual_out"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("rope_cos"), pybind11::arg("rope_sin"),
       pybind11::arg("scratch"), pybind11::arg("scratch_size"), pybind11::arg("input_norm"), pybind11::arg("input_norm_eps"), pybind11::arg("qkv"),
       pybind11::arg("qkv_bias"), pybind11::arg("o"), pybind11::arg("o_bias"), pybind11::arg("post_attention_norm"),

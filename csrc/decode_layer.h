@@ -3,7 +3,7 @@
 // and the cache share one element type, the fastmm::DType `dtype` (fp32, fp16 or bf16); the RoPE tables are
 // fp32. Buffers are raw, contiguous and row-major; callers validate every shape, pointer and value before the call
 // (fastmm/native/decode_layer.py): the kernel indexes the norm weights with the modality ids and the cache and
-// RoPE tables with the positions, unchecked.
+// RoPE tables with the positions and cache lengths, unchecked.
 #pragma once
 
 #include <cstdint>
@@ -42,10 +42,12 @@ struct DecodeLayerIO {
   const void* x;                     // [B, H]: the previous layer's output (the embeddings at layer 0)
   const void* residual;              // [B, H], or null at layer 0 (the residual stream is x itself)
   const int64_t* modality;           // [B], ids in [0, M)
-  const int32_t* positions;          // [B]: where row b's token goes, its cache length before this step, < S
+  const int32_t* positions;          // [B]: row b's token's RoPE position, < P
+  const int32_t* cache_lengths;      // [B]: this layer's valid entries of row b before the step, < S: where the token
+                                     // goes (below positions[b] where a pruned prefill dropped tokens)
   const float* rope_cos;             // [P, d], P > every position: row p holds the cosines of position p
   const float* rope_sin;             // [P, d]
-  void* k_cache;                     // [B, Hkv, S, d]: this layer's keys, written at positions
+  void* k_cache;                     // [B, Hkv, S, d]: this layer's keys, written at cache_lengths
   void* v_cache;                     // [B, Hkv, S, d]
   void* x_out;                       // [B, H]: the MLP's output; may be x (x is read before it is written)
   void* residual_out;                // [B, H]: the residual stream after attention; may be residual (likewise)

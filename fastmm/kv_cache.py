@@ -1,10 +1,13 @@
 """A static KV cache: buffers allocated once, written in place, never reallocated while decoding.
 
-    k, v: [layers, B, Hkv, S_max, d]      lengths: [B] int32 on the cache's device
+    k, v: [layers, B, Hkv, S_max, d]      lengths: [layers, B] int32      positions: [B] int32
 
-``lengths`` is the number of valid positions per row, read by decode_attention on the device. Writes go to
-positions given on the device too (``lengths`` itself for a decode step), so a decode step needs no host
-sync and can be captured in a CUDA graph. Rows may hold different lengths (batched prompts of different
+``lengths[layer, b]`` is the number of valid entries of one layer's cache for row b, read by decode_attention
+on the device; a decode step writes its token there. ``positions[b]`` is the RoPE position of row b's next
+token. Without pruning every layer holds every token and lengths[layer] == positions; a pruned prefill
+(fastmm.runtime.prune) leaves later layers shorter caches while positions keep counting the whole sequence, so
+the gaps of dropped tokens stay gaps. Writes go to positions given on the device, so a decode step needs no
+host sync and can be captured in a CUDA graph. Rows may hold different lengths (batched prompts of different
 sizes, or the conditional and unconditional rows of classifier-free guidance).
 
 A leaf module (it imports only torch and fastmm._validate): nn's attention, the models, the runtime and the
@@ -36,16 +39,22 @@ class KVCache:
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(num_layers, batch, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.int32, device=device)
         self._rows = torch.arange(batch, device=device)  # row index of a single-token write
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
     def reset(self) -> None:
         """Forget every row (the buffers stay allocated)."""
         self.lengths.zero_()
+        self.positions.zero_()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) views [B, Hkv, S_max, d] of one layer, for decode_attention."""
@@ -80,5 +89,6 @@ class KVCache:
         self.v[layer].scatter_(2, index, v.to(self.v.dtype))
 
     def advance(self, steps: int | torch.Tensor = 1) -> None:
-        """lengths += steps (an int, or [B] per row), in place on the device."""
+        """Every layer's lengths and the positions += steps (an int, or [B] per row), in place on the device."""
         self.lengths.add_(steps)
+        self.positions.add_(steps)

@@ -61,14 +61,16 @@ def random_decoder(dtype: torch.dtype = torch.float32, **overrides):
 
 
 def prefilled(decoder, batch: int = 2, max_len: int = 12) -> KVCache:
-    """A cache after a 5-token random prompt, row 1 then cut to 3 tokens (rows of different lengths, as a
-    conditional and an unconditional prompt)."""
+    """A cache after a 5-token random prompt, row 1 then cut to 4 tokens (rows of different lengths, as a
+    conditional and an unconditional prompt) of which its layers keep 3, 2, ... (as a pruned prefill leaves
+    them: each layer's own length, the RoPE position past all of them)."""
     cache = decoder.new_cache(batch, max_len)
     prompt = torch.randn(batch, 5, decoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(decoder.embed_tokens.weight.dtype)
     with torch.no_grad():
         decoder(prompt, torch.zeros(batch, 5, dtype=torch.int64), cache, prefill=True)
-    cache.lengths[1] = 3
+    cache.positions[1] = 4
+    cache.lengths[:, 1] = torch.arange(3, 3 - cache.lengths.shape[0], -1).clamp(min=1)
     return cache
 
 

@@ -28,7 +28,8 @@ def test_prefill_logits_match_transformers(model, hf_model):
     torch.testing.assert_close(hidden, hidden_expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(image_logits, hf_model.model.generation_head(hidden_expected), rtol=1e-5, atol=1e-5)
-    assert cache.lengths.tolist() == [PROMPT.shape[1]]
+    assert cache.lengths.tolist() == [[PROMPT.shape[1]]] * model.config.num_layers
+    assert cache.positions.tolist() == [PROMPT.shape[1]]
 
 
 @torch.no_grad()

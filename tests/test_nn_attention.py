@@ -70,7 +70,7 @@ def test_modality_attention_decode_equals_prefill(backend, device):
             outs.append(block(hidden[:, t : t + 1], modality[:, t : t + 1], positions[:, t : t + 1], cache=cache))
             cache.advance(1)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
-    assert cache.lengths.tolist() == [L]
+    assert cache.lengths.tolist() == [[L]] and cache.positions.tolist() == [L]
 
 
 def test_shared_kv_config_is_the_routed_one_with_equal_weights():

@@ -14,13 +14,16 @@ layer one C++ call), without the per-op overhead.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmm import ops
 from fastmm.kv_cache import KVCache
 from fastmm.models.config import UnifiedConfig
-from fastmm.nn.attention import ModalityAttention
+from fastmm.nn.attention import AttentionStats, ModalityAttention
 from fastmm.nn.linear import Linear
 from fastmm.nn.norm import ModalityRMSNorm
 from fastmm.nn.rope import rope_table
@@ -60,13 +63,47 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = ModalityRMSNorm(config.num_modalities, config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, modality, cos, sin, cache, layer_index, prefill):
+    def forward(self, x, residual, modality, cos, sin, cache, layer_index, prefill, kv_start=None, kv_end=None,
+                return_stats=False):  # fmt: skip
         """One pre-norm block on the residual stream; returns (block output, residual) with the add of the
-        output deferred to the next norm, where it is fused."""
+        output deferred to the next norm, where it is fused, and the attention's AttentionStats with
+        ``return_stats``. Key ranges (prefill only) default to causal."""
         h, residual = norm_with_residual(self.input_norm, x, modality, residual)
-        attended = self.attn(h, modality, cache=cache, layer_index=layer_index, rope=(cos, sin), prefill=prefill)
+        attended = self.attn(h, modality, cache=cache, layer_index=layer_index, rope=(cos, sin), prefill=prefill,
+                             kv_start=kv_start, kv_end=kv_end, return_stats=return_stats)  # fmt: skip
+        attended, stats = attended if return_stats else (attended, None)
         h, residual = self.post_attention_norm(attended, modality, residual)
-        return self.mlp(h), residual
+        return (self.mlp(h), residual, stats) if return_stats else (self.mlp(h), residual)
+
+
+class PrefillTokens(NamedTuple):
+    """The prompt as a pruning policy sees it before a layer, in that layer's coordinates (after earlier pruning):
+    row b's tokens are slots [0, count[b]), padding after."""
+
+    image: torch.Tensor  # [B, L] bool: the image tokens still present
+    count: torch.Tensor  # [B] tokens per row
+    kv_start: torch.Tensor  # [B, L] int32 key ranges the layer's attention runs with
+    kv_end: torch.Tensor
+
+
+class PrunePolicy(Protocol):
+    """What Decoder.prefill asks a pruning policy (fastmm.runtime.prune has VTW, FastV and PyramidDrop)."""
+
+    def check(self, num_layers: int) -> None:
+        """Raise ValueError if the policy's layers do not fit a decoder of num_layers layers."""
+
+    def needs_stats(self, layer_index: int) -> bool:
+        """Whether keep_images before layer_index + 1 reads the attention statistics of layer_index."""
+
+    def keep_images(self, layer_index: int, tokens: PrefillTokens, stats: AttentionStats | None) -> torch.Tensor | None:
+        """Before layer layer_index: None (no pruning here), or [B, L] bool, True for the image tokens that stay
+        (text and padding are the decoder's to keep). stats: the previous layer's, where needs_stats said so."""
+
+
+class Prefilled(NamedTuple):
+    hidden: torch.Tensor  # [B, L', hidden] final-normed hidden states of the tokens that reached the last layer
+    last: torch.Tensor  # [B, hidden] each row's last token (the one that predicts the next)
+    count: torch.Tensor  # [B] tokens per row in hidden (L' >= every count)
 
 
 class Decoder(nn.Module):
@@ -96,34 +133,118 @@ class Decoder(nn.Module):
         """Run L new tokens of every row through the decoder and advance the cache by L.
 
         Args:
-            embeds: [B, L, hidden] input embeddings; token t of row b sits at position cache.lengths[b] + t.
+            embeds: [B, L, hidden] input embeddings; token t of row b takes RoPE position cache.positions[b] + t
+                and each layer's cache slot cache.lengths[layer, b] + t.
             modality: [B, L] int64 modality ids (zeros unless modality_adaptive).
             cache: the static KV cache (lengths on the device: nothing here syncs the host).
-            prefill: True for a prompt into an empty cache (causal span_attention), False for decode steps.
+            prefill: True for a prompt into an empty cache (causal span_attention; ``prefill`` takes padding and
+                pruning), False for decode steps.
 
         Returns:
             [B, L, hidden] final-normed hidden states.
         """
+        if prefill:
+            return self.prefill(embeds, modality, cache).hidden
         L = embeds.shape[1]
         runner = self._fused_decode_runner(embeds, cache, prefill)
         if runner is not None:
             x, residual = runner.run(embeds, modality)
         else:
-            positions = cache.lengths.long()[:, None] + torch.arange(L, device=embeds.device)  # (B, L)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, L, d) fp32
+            positions = cache.positions.long()[:, None] + torch.arange(L, device=embeds.device)  # (B, L)
+            cos, sin = self._rope(positions)
             x, residual = embeds, None
             for index, layer in enumerate(self.layers):
                 x, residual = layer(x, residual, modality, cos, sin, cache, index, prefill)
         cache.advance(L)
         return self.norm(x, modality, residual)[0]
 
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, 1, L, d] fp32 for positions [B, L]."""
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def prefill(
+        self,
+        embeds: torch.Tensor,
+        modality: torch.Tensor,
+        cache: KVCache,
+        lengths: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        prune: PrunePolicy | None = None,
+    ) -> Prefilled:
+        """Run prompts through the decoder into an empty cache, causal, optionally dropping image tokens on the way.
+
+        Args:
+            embeds: [B, L, hidden]; row b's prompt is its first lengths[b] tokens (right padding).
+            modality: [B, L] int64 modality ids.
+            cache: an empty KV cache; afterwards layer i holds the tokens that reached layer i (cache.lengths[i])
+                and cache.positions the prompt lengths, so decoding continues at the right RoPE positions.
+            lengths: [B] prompt lengths in [1, L] (None: every row has L tokens).
+            image_mask: [B, L] bool, the image tokens (what a policy may drop); None: none.
+            prune: a pruning policy (fastmm.runtime.prune). Before each layer it may drop image tokens: the
+                survivors move together (ops.compact_tokens) with their positions, modality and key ranges,
+                so later layers compute exactly what an unpruned decoder computes on the shorter prompt.
+                Each pruning point reads the largest survivor count on the host (one sync) to size its buffer.
+
+        Returns:
+            Prefilled(hidden, last, count).
+        """
+        B, L, _ = embeds.shape
+        device = embeds.device
+        slots = torch.arange(L, device=device)
+        if lengths is None:
+            lengths = torch.full((B,), L, dtype=torch.int64, device=device)
+        elif lengths.shape != (B,) or lengths.dtype.is_floating_point:
+            raise ValueError(f"Decoder.prefill: lengths must be [B] = ({B},) integers, got {lengths.dtype} "
+                             f"shape {tuple(lengths.shape)}")  # fmt: skip
+        elif lengths.device.type == "cpu" and (int(lengths.min()) < 1 or int(lengths.max()) > L):
+            raise ValueError(f"Decoder.prefill: lengths must be in [1, L = {L}], got values in "
+                             f"[{int(lengths.min())}, {int(lengths.max())}]")  # fmt: skip
+        lengths = lengths.to(device)
+        valid = slots[None, :] < lengths[:, None]
+        if image_mask is None:
+            image = torch.zeros(B, L, dtype=torch.bool, device=device)
+        elif image_mask.shape != (B, L) or image_mask.dtype != torch.bool:
+            raise ValueError(f"Decoder.prefill: image_mask must be [B, L] = ({B}, {L}) bool, got {image_mask.dtype} "
+                             f"shape {tuple(image_mask.shape)}")  # fmt: skip
+        else:
+            image = image_mask.to(device) & valid
+        if prune is not None:
+            prune.check(len(self.layers))
+        self.decode_runners.drop(cache)  # a new sequence in this cache: its runner may predate new weights
+        positions = cache.positions.long()[:, None] + slots  # (B, L)
+        kv_start = torch.zeros(B, L, dtype=torch.int32, device=device)
+        kv_end = torch.where(valid, slots + 1, 0).int()  # causal; padding attends nothing
+        count, x, residual, stats = lengths, embeds, None, None
+        cos, sin = self._rope(positions)
+        for index, layer in enumerate(self.layers):
+            keep_images = None if prune is None else prune.keep_images(index, PrefillTokens(image, count, kv_start, kv_end), stats)  # fmt: skip
+            if keep_images is not None:
+                present = slots[None, :] < count[:, None]
+                keep = present & (~image | keep_images)
+                packed = ops.compact_tokens(x, positions, keep, int(keep.sum(dim=1).max()))
+                at = packed.source.clamp(min=0)
+                x, positions, count = packed.hidden, packed.positions, packed.count.long()
+                residual = None if residual is None else residual.gather(1, at[..., None].expand(-1, -1, residual.shape[-1]))
+                modality = modality.gather(1, at)
+                image = image.gather(1, at) & (packed.source >= 0)
+                kv_start, kv_end = ops.compact_key_ranges(kv_start, kv_end, keep, packed.source)
+                slots = torch.arange(x.shape[1], device=device)
+                cos, sin = self._rope(positions)
+            want_stats = prune is not None and prune.needs_stats(index)
+            out = layer(x, residual, modality, cos, sin, cache, index, True, kv_start, kv_end, return_stats=want_stats)
+            x, residual, stats = out if want_stats else (*out, None)
+            cache.lengths[index] = count
+        cache.positions.add_(lengths.to(cache.positions.dtype))
+        hidden = self.norm(x, modality, residual)[0]
+        last = hidden[torch.arange(B, device=device), count - 1]
+        return Prefilled(hidden, last, count)
+
     def _fused_decode_runner(self, embeds: torch.Tensor, cache: KVCache, prefill: bool):
         """The runner of fastmm.ops.decode_layer's fused step for this step (built once per cache and batch), or
         None where the layers run in Python: prefill, and whatever ops.decode_layer.fused_decode_runs refuses
         (several tokens per row, autograd, torch.compile, a backend without the fused step), RoPE tables that are
         not fp32, and modality-adaptive models (routed k / v projections)."""
-        if prefill:  # a new sequence in this cache: its runner may predate new weights
-            self.decode_runners.drop(cache)
+        if prefill:  # prefill drops the cache's runner itself
             return None
         if self.rope_cos.dtype != torch.float32 or self.config.modality_adaptive:  # the Python path copes
             return None

@@ -81,7 +81,8 @@ class DecodeLayerRunner:
         # Every tensor a pointer points into, kept so that the pointers stay valid while the runner lives.
         self._k = _check("cache.k", cache.k, cache_shape, dtype)
         self._v = _check("cache.v", cache.v, cache_shape, dtype)
-        self._lengths = _check("cache.lengths", cache.lengths, (batch,), torch.int32)
+        self._lengths = _check("cache.lengths", cache.lengths, (len(layers), batch), torch.int32)
+        self._positions = _check("cache.positions", cache.positions, (batch,), torch.int32)
         self._rope = (_check("rope_cos", rope_cos, (positions, d)), _check("rope_sin", rope_sin, (positions, d)))
         widths = {"H": H, "I": I, "M": M, "q_width": Hq * d, "kv_width": Hkv * d}
         self._weights, weight_args = [], []
@@ -99,19 +100,21 @@ class DecodeLayerRunner:
         self.batch, self.num_modalities, self.max_len, self.dtype = batch, M, S, dtype
         self.embeds_shape = (batch, 1, H)
         self._attention_work = batch * Hq * S * d  # what decode_attention's launcher picks its threads by
-        # decode_layer's arguments between (x, residual, modality) and the thread counts, one tuple per layer.
-        positions_and_outputs = (self._lengths.data_ptr(), self._x.data_ptr(), self._residual.data_ptr())
+        # decode_layer's arguments between (x, residual, modality) and the thread counts, one tuple per layer: each
+        # layer writes and attends its own cache length (a pruned prefill leaves later layers shorter).
+        outputs = (self._x.data_ptr(), self._residual.data_ptr())
         rope_and_scratch = (*(t.data_ptr() for t in self._rope), self._scratch.data_ptr(), self._scratch.numel())
         self._layer_args = [
-            (*positions_and_outputs, self._k[i].data_ptr(), self._v[i].data_ptr(), *rope_and_scratch, *weights, *sizes,
-             code)
+            (self._positions.data_ptr(), self._lengths[i].data_ptr(), *outputs, self._k[i].data_ptr(),
+             self._v[i].data_ptr(), *rope_and_scratch, *weights, *sizes, code)
             for i, weights in enumerate(weight_args)
         ]
+        self._rope_positions = positions
         self._out_ptrs = (self._x.data_ptr(), self._residual.data_ptr())
 
     def run(self, embeds: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer for one new token per row, its k and v written into the cache at cache.lengths (which
-        the caller then advances).
+        """Every layer for one new token per row at RoPE position cache.positions, its k and v written into each
+        layer's cache at cache.lengths[layer] (which the caller then advances).
 
         Args:
             embeds: [B, 1, H] CPU input embeddings in the runner's dtype.
@@ -126,6 +129,10 @@ class DecodeLayerRunner:
         if lo < 0 or hi >= self.max_len:
             raise ValueError(f"DecodeLayerRunner.run: the cache is full or corrupt: lengths must be in "
                              f"[0, max_len = {self.max_len}) before a decode step, got [{lo}, {hi}]")  # fmt: skip
+        lo, hi = (int(bound) for bound in torch.aminmax(self._positions))
+        if lo < 0 or hi >= self._rope_positions:
+            raise ValueError(f"DecodeLayerRunner.run: cache.positions must be in [0, {self._rope_positions}) (the "
+                             f"RoPE tables' rows) before a decode step, got [{lo}, {hi}]")  # fmt: skip
         threads, attention_threads = torch.get_num_threads(), threads_for(self._attention_work)
         x_ptr, residual_ptr, ids_ptr = x.data_ptr(), 0, ids.data_ptr()  # layer 0: no residual yet
         for args in self._layer_args:

@@ -9,6 +9,8 @@ ranges; decoding runs decode_attention against a static KVCache.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -17,6 +19,14 @@ from fastmm.kv_cache import KVCache
 from fastmm.nn.linear import Linear
 from fastmm.nn.rope import apply_rope, rope_cos_sin
 from fastmm.nn.routed_linear import RoutedLinear
+
+
+class AttentionStats(NamedTuple):
+    """What a prefill's attention hands out on request for scoring its keys (fastmm.ops.attention_importance)."""
+
+    q: torch.Tensor  # [B, Hq, L, d], RoPE applied
+    k: torch.Tensor  # [B, Hkv, L, d], RoPE applied
+    lse: torch.Tensor  # [B, Hq, L] fp32, the softmax log-sum-exp of every query
 
 
 class ModalityAttention(nn.Module):
@@ -70,17 +80,18 @@ class ModalityAttention(nn.Module):
         *,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         prefill: bool | None = None,
-    ) -> torch.Tensor:
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
         """Two modes.
 
         Prefill (``prefill``; by default when there is no cache or key ranges are given): span_attention over
         these L tokens with the ranges (default causal); with a cache, their K and V are also written at
-        positions cache.lengths.
-        Decode (a cache and not prefill): the L new tokens' K and V are written at cache.lengths, then they
-        attend the whole valid cache with decode_attention.
+        cache.lengths[layer_index]. ``return_stats`` also returns AttentionStats (q, k and the log-sum-exp).
+        Decode (a cache and not prefill): the L new tokens' K and V are written at cache.lengths[layer_index],
+        then they attend that layer's valid cache with decode_attention.
         RoPE: ``positions`` [B, L], or ``rope`` = (cos, sin) [B, 1, L, d] fp32 already gathered for them (a
         decoder computes them once for all its layers).
-        The caller advances cache.lengths by L once every layer has run (all layers share the lengths).
+        The caller sets or advances the cache's lengths once every layer has run.
         """
         B, L, _ = hidden.shape
         Hq, Hkv = self.num_heads, self.num_kv_heads
@@ -96,11 +107,16 @@ class ModalityAttention(nn.Module):
         heads = self._project(hidden, modality).view(B, L, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H, L, d)
         qk = apply_rope(heads[:, : Hq + Hkv], *rope)  # q and k heads rotated in one pass
         q, k, v = qk[:, :Hq], qk[:, Hq:], heads[:, Hq + Hkv :]
+        if return_stats and not prefill:
+            raise ValueError("ModalityAttention: return_stats applies to prefill only")
         if cache is not None:
-            cache.write(layer_index, k, v, cache.lengths)
+            cache.write(layer_index, k, v, cache.lengths[layer_index])
+        stats = None
         if prefill:
-            out = ops.span_attention(q, k, v, kv_start, kv_end)
+            out, lse = ops.span_attention(q, k, v, kv_start, kv_end, return_lse=True)
+            stats = AttentionStats(q, k, lse) if return_stats else None
         else:
             k_cache, v_cache = cache.layer(layer_index)
-            out = ops.decode_attention(q, k_cache, v_cache, cache.lengths + L)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, Hq * d) -> (B, L, hidden)
+            out = ops.decode_attention(q, k_cache, v_cache, cache.lengths[layer_index] + L)
+        out = self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, Hq * d) -> (B, L, hidden)
+        return (out, stats) if return_stats else out

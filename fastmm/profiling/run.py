@@ -220,7 +220,7 @@ def _image(
     graph = plan.use_cuda_graph and clock.device.type == "cuda"
     if graph:
         with stages.stage("cuda_graph_capture"):
-            buffers = (step.cache.lengths, step.step, step.embeds, step.ids, step.tokens)
+            buffers = (step.cache.lengths, step.cache.positions, step.step, step.embeds, step.ids, step.tokens)
             run = capture_step(step, buffers=buffers).replay
     with stages.stage("decode"):
         steps = [clock.mark()]

@@ -4,8 +4,8 @@ one new token per row, written from the formulas over the layers' weights, not f
 Per row b, with s the residual stream (the input embedding before layer 0) and m = modality[b]:
 
     h = rms_norm(s, input_norm[m])             q, k, v = split(h qkv^T + qkv_bias)
-    q, k = rope(q, position), rope(k, position)  with position = lengths[b], written into the cache there
-    a = softmax(q k^T / sqrt(d)) v over the cache's keys 0 .. position (GQA: Hq / Hkv query heads per kv head)
+    q, k = rope(q, positions[b]), rope(k, positions[b]), written into the layer's cache at lengths[layer, b]
+    a = softmax(q k^T / sqrt(d)) v over the layer's keys 0 .. lengths[layer, b] (GQA: Hq / Hkv q heads per kv head)
     s = s + (a o^T + o_bias)                   h = rms_norm(s, post_norm[m])
     x = (silu(gate) * up) down^T + down_bias   with gate, up = split(h gate_up^T + gate_up_bias)
 
@@ -37,13 +37,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, d] over the cached keys 0 .. positions[b] of k_cache / v_cache [B, Hkv, S, d]: [B, Hq * d]."""
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, d] over the cached keys 0 .. last[b] of k_cache / v_cache [B, Hkv, S, d]: [B, Hq * d]."""
     B, Hq, d = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     grouped = q.float().view(B, Hkv, Hq // Hkv, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", grouped, k_cache.float()) * d**-0.5
-    visible = torch.arange(S, device=q.device)[None, :] <= positions[:, None]  # [B, S]
+    visible = torch.arange(S, device=q.device)[None, :] <= last[:, None]  # [B, S]
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(dim=-1), v_cache.float())
     return out.reshape(B, Hq * d).to(q.dtype)
@@ -59,14 +59,16 @@ def decode_layers(
     lengths: torch.Tensor,
     rope_cos: torch.Tensor,
     rope_sin: torch.Tensor,
+    positions: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode step of every layer in ``layers`` (read by DecodeLayerWeights' field names).
 
     Args:
         embeds: [B, 1, H] input embeddings in the weights' dtype; modality: [B, 1] ids in [0, M).
-        k_cache, v_cache: [layers, B, Hkv, S, d]; this token's k and v are written at lengths[b].
-        lengths: [B] integer cache lengths before the step (the new token's position).
-        rope_cos, rope_sin: [positions, d] fp32 tables (fastmm.nn.rope.rope_table).
+        k_cache, v_cache: [layers, B, Hkv, S, d]; this token's k and v are written at lengths[layer, b].
+        lengths: [layers, B] integer cache lengths before the step.
+        rope_cos, rope_sin: [P, d] fp32 tables (fastmm.nn.rope.rope_table).
+        positions: [B] the new token's RoPE position per row.
 
     Returns:
         (x, residual) [B, 1, H]: the last layer's MLP output and the residual stream it adds to, as the
@@ -74,8 +76,8 @@ def decode_layers(
     """
     B, H = embeds.shape[0], embeds.shape[-1]
     Hkv, d = k_cache.shape[2], k_cache.shape[4]
-    positions, ids, rows = lengths.long(), modality.reshape(B).long(), torch.arange(B, device=embeds.device)
-    cos, sin = rope_cos[positions], rope_sin[positions]  # [B, d]
+    ids, rows = modality.reshape(B).long(), torch.arange(B, device=embeds.device)
+    cos, sin = rope_cos[positions.long()], rope_sin[positions.long()]  # [B, d]
     x, residual = embeds.reshape(B, H), None
     for index, layer in enumerate(layers):
         s = x if residual is None else (x.float() + residual.float()).to(x.dtype)
@@ -83,9 +85,10 @@ def decode_layers(
         heads = heads.view(B, num_heads + 2 * Hkv, d)
         q, k, v = heads[:, :num_heads], heads[:, num_heads : num_heads + Hkv], heads[:, num_heads + Hkv :]
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        k_cache[index, rows, :, positions] = k
-        v_cache[index, rows, :, positions] = v
-        attended = _linear(_attend(q, k_cache[index], v_cache[index], positions), layer.o, layer.o_bias)
+        slots = lengths[index].long()
+        k_cache[index, rows, :, slots] = k
+        v_cache[index, rows, :, slots] = v
+        attended = _linear(_attend(q, k_cache[index], v_cache[index], slots), layer.o, layer.o_bias)
         residual = (attended.float() + s.float()).to(s.dtype)
         gate, up = _linear(_rms_norm(residual, layer.post_norm[ids], layer.post_norm_eps), layer.gate_up,
                            layer.gate_up_bias).chunk(2, dim=-1)  # fmt: skip
@@ -111,4 +114,4 @@ class DecodeLayerRunner:
     def run(self, embeds: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self._cache
         return decode_layers(embeds, modality, self._layers, self._num_heads, cache.k, cache.v, cache.lengths,
-                             *self._rope)  # fmt: skip
+                             *self._rope, cache.positions)  # fmt: skip

@@ -193,7 +193,8 @@ def generate_image(
 
     graph = None
     if use_cuda_graph and device.type == "cuda":
-        graph = capture_step(step, buffers=(step.cache.lengths, step.step, step.embeds, step.ids, step.tokens))
+        graph = capture_step(step, buffers=(step.cache.lengths, step.cache.positions, step.step, step.embeds, step.ids,
+                                            step.tokens))  # fmt: skip
     _synchronize(device)
     captured = time.perf_counter()
     run = graph.replay if graph is not None else step
@@ -242,35 +243,87 @@ class _AllFinished:
         return before
 
 
+def _text_prompts(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, L] with each row's tokens first and padding after, lengths [B]) on the model's device, from ids
+    [B, L] with an optional attention mask (any padding: left, right, or holes) or a list of prompts."""
+    op = "generate_text"
+    device = model.decoder.embed_tokens.weight.device
+    if isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError(f"{op}: attention_mask applies to an [B, L] input_ids tensor, not to a list of prompts")
+        prompts = [torch.as_tensor(prompt, device=device).reshape(-1) for prompt in input_ids]
+        if not prompts or any(p.numel() == 0 for p in prompts):
+            raise ValueError(f"{op}: input_ids as a list must hold at least one non-empty prompt")
+        if any(p.dtype.is_floating_point or p.dtype == torch.bool for p in prompts):
+            raise TypeError(f"{op}: prompts must hold integer token ids")
+        ids = torch.nn.utils.rnn.pad_sequence([p.long() for p in prompts], batch_first=True)
+        lengths = torch.tensor([p.numel() for p in prompts], device=device)
+    else:
+        model.check_ids("input_ids", input_ids)
+        ids = input_ids.to(device).long()
+        if attention_mask is None:
+            lengths = torch.full((ids.shape[0],), ids.shape[1], device=device)
+        else:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+                raise ValueError(f"{op}: attention_mask must be a tensor of input_ids' shape {tuple(ids.shape)}, got {got}")
+            valid = attention_mask.to(device) != 0
+            lengths = valid.sum(dim=1)
+            if int(lengths.min()) < 1:
+                raise ValueError(f"{op}: every row of attention_mask must keep at least one token")
+            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # each row's tokens first, in order
+            ids = ids.gather(1, order)
+    padding = torch.arange(ids.shape[1], device=device)[None, :] >= lengths[:, None]
+    # Padding takes a token that is not an image placeholder (it is never attended and never scored).
+    filler = 1 if model.config.image_token_id == 0 else 0
+    ids = ids.masked_fill(padding, filler)
+    model.check_ids("input_ids", ids)
+    return ids, lengths
+
+
 @torch.no_grad()
 def generate_text(
     model,
-    input_ids: torch.Tensor,
+    input_ids,
     images: torch.Tensor | None = None,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    prune=None,
 ) -> torch.Tensor:
-    """Answer prompts (image understanding): ids [B, L] (equal lengths, no padding) with image_token_id
-    placeholders filled by ``images`` [N, 3, S, S] -> new tokens [B, n], n <= max_new_tokens.
+    """Answer prompts (image understanding) -> new tokens [B, n], n <= max_new_tokens.
 
-    temperature 0 = greedy. Generation stops once every row has produced config.eos_token_id; a row that
-    finished earlier is filled with the pad token (or EOS when the model has none) after its EOS. The loop runs
-    eagerly (the graph-captured loop is generate_image's) and its stop test never drains the GPU's queue: on
-    CUDA the host reads each step's flag one step late (see _AllFinished), with the same result.
+    Args:
+        input_ids: [B, L] token ids, with ``attention_mask`` [B, L] (0 = padding, left or right) when the
+            prompts differ in length; or a list of B prompts (sequences of ids) of any lengths. image_token_id
+            placeholders are filled by ``images`` [N, 3, S, S], in row-major order.
+        temperature: 0 = greedy; top_k, top_p, seed: as generate_image.
+        prune: a visual-token pruning policy of fastmm.runtime.prune (VTW, FastV, PyramidDrop): image tokens
+            leave the prefill at its layers, and decoding attends each layer's shorter cache.
+
+    Generation stops once every row has produced config.eos_token_id; a row that finished earlier is filled with
+    the pad token (or EOS when the model has none) after its EOS. Each row decodes at its own length and RoPE
+    position. The loop runs eagerly (the graph-captured loop is generate_image's) and its stop test never drains
+    the GPU's queue: on CUDA the host reads each step's flag one step late (see _AllFinished), with the same
+    result.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     _check_sampling(1.0, temperature, top_k, top_p, 1, seed)
     config = model.config
-    embeds = model.embed_prompt(input_ids, images)
-    B, L = input_ids.shape
+    ids, lengths = _text_prompts(model, input_ids, attention_mask)
+    embeds = model.embed_prompt(ids, images)
+    B, L = ids.shape
     device = embeds.device
     seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
     cache = model.decoder.new_cache(B, L + max_new_tokens)
-    hidden = model.decoder(embeds, model.prompt_modality(input_ids, images is not None), cache, prefill=True)[:, -1]
+    image_mask = None if images is None else ids == config.image_token_id
+    modality = model.prompt_modality(ids, images is not None)
+    hidden = model.decoder.prefill(embeds, modality, cache, lengths, image_mask, prune).last
     text = torch.zeros(B, 1, dtype=torch.int64, device=device)  # every generated token is text
     eos = config.eos_token_id
     fill = config.pad_token_id if config.pad_token_id is not None else eos
