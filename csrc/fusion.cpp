@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "lanes.h"
 #include "module.h"
 
 namespace fastmm {
@@ -53,28 +54,7 @@ inline f32x16 erf_lanes(f32x16 x) {
 // The exact (erf) GELU: 0.5 x (1 + erf(x / sqrt 2)).
 inline f32x16 gelu_lanes(f32x16 x) { return 0.5f * x * (1.f + erf_lanes(x * 0.70710678118654752f)); }
 
-// ---- native vectors ---------------------------------------------------------------------------------------
-
-// f32x16 (common.h) is one register only with AVX-512. Elsewhere GCC 12 keeps a 16-lane value that lives across
-// loop iterations (an accumulator) in memory and moves it through general registers at every update, which
-// made the depthwise pass several times slower on AVX2 (figures in the note of the fusion issue). So values
-// carried by loops are native vectors (Lanes) here, and f32x16 values only per-token temporaries.
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr int64_t kLanes = 16;
-#elif defined(__AVX__)
-constexpr int64_t kLanes = 8;
-#else
-constexpr int64_t kLanes = 4;
-#endif
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
+// ---- native vectors (Lanes: csrc/lanes.h) ------------------------------------------------------------------
 
 // store_block for a full fp32 block, as native vectors: GCC moves a whole f32x16 through general registers on
 // its way to memory otherwise.

@@ -34,6 +34,7 @@
 #endif
 
 #include "common.h"
+#include "lanes.h"
 #include "module.h"
 
 namespace fastmm {
@@ -42,27 +43,9 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// ---- native vectors ---------------------------------------------------------------------------------------
+// ---- native vectors (Lanes: csrc/lanes.h) ------------------------------------------------------------------
 
-// Loop-carried values (the score accumulators, the tile's sums) are native-width vectors: GCC 12 keeps a 16-lane
-// f32x16 that lives across iterations in memory on targets without AVX-512 (see csrc/fusion.cpp).
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr int64_t kLanes = 16;
-#elif defined(__AVX__)
-constexpr int64_t kLanes = 8;
-#else
-constexpr int64_t kLanes = 4;
-#endif
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t LaneInts __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
 
 // v in every lane, as one broadcast: Lanes{} + v adds the zeros in a scalar instruction first (0 + -0 is not
 // -0), and a loop over the lanes inserts them one by one.

@@ -24,8 +24,7 @@ def attention_importance_fwd(
     span_index: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """[B, n] fp32: out[b, c] = sum over heads h and rows r whose range holds key j = span_index[b, c] of
-    exp(q_rows[b, h, r] . k[b, h // G, j] * scale - lse[b, h, r]); 0 for padding columns (j = -1)."""
+    """[B, n] fp32: each scored key's probabilities summed over heads and rows (the reference's kernel interface)."""
     B, Hq, R, d = q_rows.shape
     n = span_index.shape[1]
     out = torch.empty(B, n, dtype=torch.float32)
