@@ -8,7 +8,7 @@ from fastmm.ops.linear import linear
 from fastmm.ops.norm import modality_layer_norm, modality_rms_norm
 from fastmm.ops.prune import attention_importance, compact_key_ranges, compact_tokens, span_keys, top_k_mask
 from fastmm.ops.routed_linear import routed_linear
-from fastmm.ops.sampling import cfg_sample
+from fastmm.ops.sampling import cfg_sample, jacobi_verify
 from fastmm.ops.vq import vq_embed, vq_quantize
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "decode_attention",
     "linear",
     "cfg_sample",
+    "jacobi_verify",
     "resolution_slow_branch",
     "resolution_fusion",
     "attention_importance",

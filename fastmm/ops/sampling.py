@@ -19,6 +19,7 @@ import torch
 
 from fastmm import _validate as v
 from fastmm.ops._spec import kernel_op
+from fastmm.reference import sampling as reference
 from fastmm.reference.sampling import MIXES
 
 Tensor = torch.Tensor
@@ -171,3 +172,94 @@ def cfg_sample(
     log_softmax, seed = mix == "log_softmax", int(seed)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()  # kernels read rows with unit stride
     return cfg_sample_fwd(logits, scales, temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, out=out)
+
+
+# The initial drafts of new window slots (random or copied), for layers above ops: the reference's definition.
+jacobi_initial_drafts = reference.jacobi_initial_drafts
+
+
+# Optional: no backend has its own kernel yet; every backend runs the reference's (fastmm.reference.sampling).
+@kernel_op("sampling", "jacobi_verify", optional=True)
+def jacobi_verify_fwd(
+    logits: Tensor,
+    drafts: Tensor,
+    draft_probs: Tensor,
+    start: Tensor,
+    limit: int,
+    scales: list[float],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    lo: int,
+    hi: int,
+    log_softmax: bool,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(start), torch.empty_like(drafts), torch.empty_like(draft_probs)
+
+
+def jacobi_verify(
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor,
+    start: torch.Tensor,
+    limit: int,
+    scales: Sequence[float] = (),
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    allowed: tuple[int, int] | None = None,
+    mix: str = "logits",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One verification of speculative Jacobi decoding (SJD): which drafts of a window the pass's logits accept.
+
+    Per image b and window slot t (token position start[b] + t), p is the distribution cfg_sample would sample
+    from these logits (guidance, temperature, top-k, top-p as there) and q = draft_probs[b, t] the one draft d
+    was drawn from. Slots are tested in order: accept iff u < min(1, p(d) / q(d)); the first rejected slot takes
+    a draw from normalize(max(0, p - q)) instead and ends the accepted run; positions >= limit are never taken.
+    Later slots are redrafted from their p (the Jacobi update). Each accepted token is an exact sample of the
+    sequential conditional (lossless); at temperature 0 it is exact greedy Jacobi decoding. Random numbers are
+    keyed by (seed, position, image, use), so a position draws the same numbers in every iteration and a draft
+    takes the noise sequential cfg_sample takes there (fastmm.reference.sampling, "speculative Jacobi").
+
+    Args:
+        logits: [G*N, W, V] the window's logits, G guidance groups stacked group-major as in cfg_sample.
+        drafts: [N, W] int64 absolute ids in allowed = [lo, hi). draft_probs: [N, W, hi - lo] fp32, each
+            draft's q (rows sum to 1). start: [N] int64 position of slot 0. limit: positions < limit exist.
+        scales, temperature, top_k, top_p, allowed, mix, seed: as cfg_sample.
+
+    Returns:
+        (count [N] int64 new tokens in 0..W, tokens [N, W] int64: the new tokens in slots < count and the
+        redrafts after them, probs [N, W, hi - lo] fp32: the redrafts' q, zeros in slots < count).
+    """
+    op = "jacobi_verify"
+    scales = _check_scales(op, scales)
+    G = len(scales) + 1
+    v.check_tensor(op, "logits", logits)
+    v.check_float(op, "logits", logits)
+    v.check_dim(op, "logits", logits, 3, "[G*N, W, V]")
+    for name, t in (("drafts", drafts), ("start", start)):
+        v.check_tensor(op, name, t)
+        if t.dtype != torch.int64:
+            raise TypeError(f"{op}: {name} must be an int64 tensor, got {t.dtype}")
+    v.check_dim(op, "drafts", drafts, 2, "[N, W]")
+    N, W = drafts.shape
+    if logits.shape[0] != G * N or logits.shape[1] != W or N < 1 or W < 1:
+        raise ValueError(f"{op}: logits must be [G*N, W, V] = [{G * N}, {W}, V] for drafts [N, W] = [{N}, {W}] "
+                         f"and G = {G} groups, got {v.describe(logits)}")  # fmt: skip
+    _check_options(op, temperature, top_k, top_p, mix, seed)
+    lo, hi = _check_allowed(op, allowed, logits.shape[2])
+    v.check_tensor(op, "draft_probs", draft_probs)
+    if draft_probs.dtype != torch.float32:
+        raise TypeError(f"{op}: draft_probs must be float32, got {draft_probs.dtype}")
+    v.check_shape(op, "draft_probs", draft_probs, (N, W, hi - lo), "[N, W, hi - lo]: each draft's distribution")
+    v.check_shape(op, "start", start, (N,), "[N]: the position of each image's first slot")
+    if not _is_int(limit) or limit < 0:
+        raise ValueError(f"{op}: limit must be an int >= 0, got {limit!r}")
+    v.check_same_device(op, "logits", logits, drafts=drafts, draft_probs=draft_probs, start=start)
+    v.check_id_range(op, "drafts - lo", drafts - lo, hi - lo, "hi - lo, the allowed ids")
+    temperature, top_k, top_p = float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p)
+    return jacobi_verify_fwd(logits.contiguous(), drafts.contiguous(), draft_probs.contiguous(), start.contiguous(),
+                             int(limit), scales, temperature, top_k, top_p, lo, hi, mix == "log_softmax",
+                             int(seed))  # fmt: skip

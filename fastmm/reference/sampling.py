@@ -194,3 +194,104 @@ def cfg_sample_fwd(
         ids = keys.argmax(dim=1)
     ids = ids + lo
     return ids if out is None else out.copy_(ids)
+
+
+# ------------------------------------------------------------------------------- speculative Jacobi decoding
+#
+# SJD (Teng et al., ICLR 2025) verifies a window of W draft tokens per image with one decoder pass. For draft d
+# at a position, p the processed distribution the pass gives there (guided, tempered, top-k / top-p: what
+# cfg_sample samples from) and q the distribution d was drafted from: accept iff u < min(1, p(d) / q(d)); at the
+# first rejection draw from normalize(max(0, p - q)) and stop. That is speculative sampling position by
+# position, so every accepted token is an exact sample of the sequential conditional (lossless). Positions past
+# the first rejection are redrafted from their new p (the Jacobi update), which becomes their q.
+#
+# Randomness is the counter-based hash of cfg_sample keyed by (seed, offset, image), with the token position
+# as offset and one stream per use, so a position sees the same numbers in every iteration (MC-SJD's coupling):
+#     stream 0: the race noise of drafts (the very noise sequential cfg_sample uses at that position)
+#     stream 1: the acceptance uniform          stream 2: the race noise of the correction
+#     stream 3: the race noise of random initial drafts (a race over equal scores: an exactly uniform draw)
+# At temperature 0, p is one-hot at the argmax and the rule is exact Jacobi decoding: accept iff d is the argmax.
+
+JACOBI_STREAMS = {"draft": 0, "accept": 1, "correction": 2, "init": 3}
+
+
+def processed_probs(logits, scales, temperature, top_k, top_p, lo, hi, log_softmax) -> torch.Tensor:
+    """p [B, hi - lo] fp32: the distribution cfg_sample_fwd samples from for logits [G*B, V] (one-hot at the
+    argmax, the lowest id on ties, at temperature 0)."""
+    temperature, top_p = (torch.tensor(x, dtype=torch.float32).item() for x in (temperature, top_p))
+    z = guided_scores(logits, scales, log_softmax)[:, lo:hi]
+    if temperature == 0:
+        return torch.nn.functional.one_hot(z.argmax(dim=1), z.shape[1]).float()
+    s = z / torch.tensor([temperature], dtype=torch.float32, device=z.device)
+    return torch.softmax(s.masked_fill(~kept_mask(s, top_k, top_p), float("-inf")), dim=1)
+
+
+def stream_bits(seed: int, positions: torch.Tensor, stream: int, ids: torch.Tensor | None) -> torch.Tensor:
+    """32 random bits (int64) per (image b, window slot t) of positions [N, W], or per (b, t, id) for ids [n]:
+    cfg_sample's hash with offset = position + stream * 2^32 and row b."""
+    offsets = positions.long() + (stream << 32)
+    state = hash32(torch.full_like(offsets, seed))
+    state = hash32(hash32(state ^ (offsets & _MASK32)) ^ ((offsets >> 32) & _MASK32))
+    key1 = hash32(state ^ torch.arange(positions.shape[0], device=positions.device)[:, None])
+    key2 = hash32(key1 ^ _GOLDEN)
+    if ids is None:
+        return hash32(key1 ^ key2)
+    return hash32(hash32(ids ^ key1[..., None]) ^ key2[..., None])
+
+
+def race(log_weights: torch.Tensor, seed: int, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """argmax of log_weights [N, W, n] - log(E), E ~ Exp(1) from stream_bits: an exact draw from
+    normalize(exp(log_weights)) per slot (the lowest index on ties). Returns [N, W] int64 indices."""
+    ids = torch.arange(log_weights.shape[-1], device=log_weights.device)
+    noise = -log_f32(exponential(stream_bits(seed, positions, stream, ids)))
+    return (log_weights + noise).argmax(dim=-1)
+
+
+def accepts(u: torch.Tensor, p_draft: torch.Tensor, q_draft: torch.Tensor) -> torch.Tensor:
+    """The acceptance test u < min(1, p(d) / q(d)), as u q(d) < p(d) (q(d) > 0: d was drawn from q)."""
+    return u * q_draft < p_draft
+
+
+def jacobi_initial_drafts(kind: str, seed: int, positions: torch.Tensor, left: torch.Tensor, n: int):
+    """Drafts for new window slots at positions [N, W] over n ids: "random" (uniform, drawn by a race over
+    equal scores) or "copy" (the token to the left, left [N, W] as relative ids). Returns (ids [N, W] relative,
+    their distributions q [N, W, n])."""
+    N, W = positions.shape
+    if kind == "random":
+        ids = race(torch.zeros(N, W, n, device=positions.device), seed, positions, JACOBI_STREAMS["init"])
+        return ids, torch.full((N, W, n), 1.0 / n, device=positions.device)
+    return left, torch.nn.functional.one_hot(left, n).float()
+
+
+def jacobi_verify_fwd(logits, drafts, draft_probs, start, limit, scales, temperature, top_k, top_p, lo, hi,
+                      log_softmax, seed):  # fmt: skip
+    """Kernel interface. logits [G*N, W, V] (the window's logits per CFG row, group-major as cfg_sample's);
+    drafts [N, W] int64 absolute ids in [lo, hi) for positions start[b] + t; draft_probs [N, W, hi - lo] fp32,
+    each draft's q; start [N] int64; limit an int (the last position + 1). Options as cfg_sample_fwd's.
+
+    Returns (count [N] int64: new tokens 0..W (accepted drafts, then the correction, none at or past limit),
+    tokens [N, W] int64: the new tokens in slots < count, after them the redrafted tokens of the later slots,
+    probs [N, W, hi - lo] fp32: the redrafted slots' distributions, zeros in slots < count)."""
+    G = len(scales) + 1
+    N, W = drafts.shape
+    V = logits.shape[-1]
+    flat = logits.reshape(G, N * W, V).reshape(G * N * W, V)
+    p = processed_probs(flat, scales, temperature, top_k, top_p, lo, hi, log_softmax).view(N, W, hi - lo)
+    positions = start[:, None] + torch.arange(W, device=drafts.device)
+    in_range = positions < limit
+    relative = (drafts - lo)[..., None]
+    u = (stream_bits(seed, positions, JACOBI_STREAMS["accept"], None).float() + 0.5) * 2.0**-32
+    ok = accepts(u, p.gather(2, relative)[..., 0], draft_probs.gather(2, relative)[..., 0]) & in_range
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # [N]: drafts accepted before the first rejection
+    first = accepted.clamp(max=W - 1)
+    corrects = (accepted < W) & in_range.gather(1, first[:, None])[:, 0]
+    # A rejection means p(d) < q(d), so the residual has mass; log 0 = -inf never wins a race.
+    correction = race(torch.log((p - draft_probs).clamp(min=0)), seed, positions, JACOBI_STREAMS["correction"])
+    redraft = race(torch.log(p), seed, positions, JACOBI_STREAMS["draft"])
+    slot = torch.arange(W, device=drafts.device)[None, :]
+    tokens = torch.where(slot < accepted[:, None], drafts - lo, redraft)
+    at_first = (slot == accepted[:, None]) & corrects[:, None]
+    tokens = torch.where(at_first, correction, tokens) + lo
+    count = accepted + corrects.long()
+    probs = p.masked_fill((slot < count[:, None])[..., None], 0.0)
+    return count, tokens, probs

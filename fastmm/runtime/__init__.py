@@ -3,6 +3,7 @@ unified model (image tokens with classifier-free guidance, and text) and visual-
 
 from fastmm.kv_cache import KVCache
 from fastmm.runtime.generate import GeneratedImages, generate_image, generate_text
+from fastmm.runtime.jacobi import Jacobi
 from fastmm.runtime.prune import VTW, FastV, PyramidDrop
 
-__all__ = ["KVCache", "generate_image", "generate_text", "GeneratedImages", "VTW", "FastV", "PyramidDrop"]
+__all__ = ["KVCache", "generate_image", "generate_text", "GeneratedImages", "Jacobi", "VTW", "FastV", "PyramidDrop"]

@@ -22,6 +22,7 @@ import torch
 
 from fastmm import ops
 from fastmm.runtime.cuda_graph import capture_step
+from fastmm.runtime.jacobi import Jacobi, jacobi_decode
 from fastmm.kv_cache import KVCache
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done, total)
@@ -33,9 +34,10 @@ class GeneratedImages:
     pixels: torch.Tensor | None  # [num_images, 3, S, S] decoded by the VQ tokenizer, about [-1, 1]; None if skipped
     time_to_first_token_s: float  # prompt prefill and the first sampled token
     capture_s: float  # CUDA-graph warm-up and capture (0 without a graph)
-    decode_s: float  # every later token (num_image_tokens - 1 decode steps)
+    decode_s: float  # every later token (num_image_tokens - 1 decode steps, or the Jacobi passes)
     vq_decode_s: float  # tokens -> pixels
     cuda_graph: bool  # whether the decode step ran as a replayed CUDA graph
+    decoder_passes: int | None = None  # with parallel=Jacobi(...): decoder passes after the first token
 
     @property
     def ms_per_token(self) -> float:
@@ -131,10 +133,12 @@ def start_image_generation(
     top_p: float | None = None,
     seed: int | None = None,
     num_images: int = 1,
+    cache_margin: int = 0,
 ) -> ImageDecodeStep:
     """Validate, run the prompt (conditional and unconditional rows) through the decoder into a fresh KV cache,
     sample the first token, and return the decode step that produces the others (arguments as
-    generate_image). Each call of the returned step adds one token to its ``tokens`` buffer."""
+    generate_image; cache_margin: spare cache positions past the image, for windows that overshoot it). Each call
+    of the returned step adds one token to its ``tokens`` buffer."""
     if model.config.image_gen is None:
         raise ValueError("generate_image: the model has no image-generation path (config.image_gen is None)")
     _check_sampling(cfg_scale, temperature, top_k, top_p, num_images, seed)
@@ -143,7 +147,7 @@ def start_image_generation(
     rows = torch.cat([cond, _unconditional(model, cond)]) if guided else cond
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    cache = model.decoder.new_cache(rows.shape[0], cond.shape[1] + model.config.image_gen.num_image_tokens)
+    cache = model.decoder.new_cache(rows.shape[0], cond.shape[1] + model.config.image_gen.num_image_tokens + cache_margin)
     step = ImageDecodeStep(model, cache, 2 if guided else 1, (float(cfg_scale),) if guided else (),
                            temperature, top_k, top_p, seed, num_images)  # fmt: skip
     hidden = model.decoder(model.embed_prompt(rows), torch.zeros_like(rows), cache, prefill=True)[:, -1]
@@ -164,6 +168,7 @@ def generate_image(
     use_cuda_graph: bool = True,
     decode_pixels: bool = True,
     progress: ProgressCallback | None = None,
+    parallel: Jacobi | None = None,
 ) -> GeneratedImages:
     """Generate ``num_images`` images for one prompt, Janus recipe.
 
@@ -178,18 +183,34 @@ def generate_image(
         seed: the sampling seed (None: drawn from torch's default generator); equal seeds give equal images.
         use_cuda_graph: on CUDA, capture the decode step once and replay it per token.
         decode_pixels: also run the VQ tokenizer's decoder.
-        progress: called as progress(tokens done, total) after each token.
+        progress: called as progress(tokens done, total) after each token (after the first, only on the
+            sequential path).
+        parallel: Jacobi(window=W, init="random" | "copy") decodes by speculative Jacobi decoding: W draft tokens
+            verified per decoder pass and image, lossless (the same tokens at temperature 0, the same
+            distribution otherwise; fastmm.runtime.jacobi). Runs eagerly, without a CUDA graph.
 
     Returns:
         GeneratedImages with tokens [num_images, num_image_tokens], pixels and the timings.
     """
+    if parallel is not None and not isinstance(parallel, Jacobi):
+        raise ValueError(f"generate_image: parallel must be None or a fastmm.runtime.Jacobi, got {parallel!r}")
     start = time.perf_counter()
-    step = start_image_generation(model, prompt_ids, cfg_scale, temperature, top_k, top_p, seed, num_images)
+    margin = 0 if parallel is None else parallel.window
+    step = start_image_generation(model, prompt_ids, cfg_scale, temperature, top_k, top_p, seed, num_images, margin)
     device, total = step.tokens.device, step.tokens.shape[1]
     _synchronize(device)
     first = time.perf_counter()
     if progress is not None:
         progress(1, total)
+    if parallel is not None:
+        stats = jacobi_decode(step, parallel)
+        _synchronize(device)
+        decoded = time.perf_counter()
+        pixels = model.decode_image_tokens(step.tokens) if decode_pixels else None
+        _synchronize(device)
+        return GeneratedImages(tokens=step.tokens, pixels=pixels, time_to_first_token_s=first - start, capture_s=0.0,
+                               decode_s=decoded - first, vq_decode_s=time.perf_counter() - decoded, cuda_graph=False,
+                               decoder_passes=stats.passes)  # fmt: skip
 
     graph = None
     if use_cuda_graph and device.type == "cuda":
