@@ -4,8 +4,9 @@ A random-weight transformers Janus checkpoint (fastmm.models.presets) is built a
 directory, then loaded by both. Greedy decoding (temperature 0) with classifier-free guidance 5, a 7-token
 prompt, one image: the conditional and unconditional rows make a decode batch of 2. Cases:
 `time_to_first_token` (prompt prefill + first image token), `image_tokens` (all 576 image tokens; `ms / item`
-is ms per image token, prompt included) and `image_total` (tokens + VQ decode to pixels). Both providers
-return the tokens; the note reports any token that differs. GB/s counts the decoder and generation-head
+is ms per image token, prompt included), `image_tokens_sampled` (the same at Janus's default sampling,
+temperature 1: providers draw different images, so no outputs are compared) and `image_total` (tokens + VQ
+decode to pixels). Greedy providers return the tokens; the note reports any token that differs. GB/s counts the decoder and generation-head
 weights streamed once per token (the weight-bandwidth roofline of decoding) against the copy bandwidth on
 CPU, HBM bandwidth on GPU. On CUDA, `fastmm_no_graph` runs the same loop without the CUDA graph.
 """
@@ -21,12 +22,14 @@ import torch
 from fastmm.backend import choose_backend
 from fastmm.bench.suites import Case, Provider, Target, register_suite
 from fastmm.models import UnifiedModel, presets
-from fastmm.runtime import generate_image
+from fastmm.runtime import Jacobi, generate_image
 from fastmm.runtime.generate import start_image_generation
 
 PROMPT = [presets.BOS, 10, 11, 12, 13, 14, presets.BOI]
 CFG_SCALE = 5.0
 QUICK_TOKENS = 16  # --quick: a short token loop on the tiny model (no pixels: the decoder needs 576 tokens)
+JACOBI = Jacobi(window=8, init="copy")  # fastmm_sjd's setting
+SAMPLED = "image_tokens_sampled"  # Janus's default sampling: temperature 1, cfg 5
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,13 +61,14 @@ def decode_weight_bytes(config, dtype: torch.dtype) -> int:
     return (config.num_layers * layer + hidden + head) * torch.finfo(dtype).bits // 8
 
 
-def _hf_generate(hf, prompt: torch.Tensor, tokens: int, pixels: bool) -> torch.Tensor:
-    """transformers' Janus image loop for ``tokens`` tokens (its count is read from the vision config)."""
+def _hf_generate(hf, prompt: torch.Tensor, tokens: int, pixels: bool, sample: bool = False) -> torch.Tensor:
+    """transformers' Janus image loop for ``tokens`` tokens (its count is read from the vision config), greedy
+    or sampling at temperature 1."""
     config = hf.model.vision_model.config
     saved, config.num_image_tokens = config.num_image_tokens, tokens
     try:
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=False,
-                          guidance_scale=CFG_SCALE)  # fmt: skip
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=sample,
+                          guidance_scale=CFG_SCALE, **({"temperature": 1.0} if sample else {}))  # fmt: skip
     finally:
         config.num_image_tokens = saved
     return hf.decode_image_tokens(out).permute(0, 3, 1, 2) if pixels else out
@@ -87,14 +91,17 @@ def e2e_cases(preset: str, dtype: torch.dtype, device: torch.device, tokens: int
         prompt = torch.tensor([PROMPT], device=device)
         backend = choose_backend("modality_rms_norm", device)
 
-        def ours(use_graph: bool) -> Callable[[], torch.Tensor]:
+        temperature = 1.0 if kind == SAMPLED else 0.0
+
+        def ours(use_graph: bool, parallel: Jacobi | None = None) -> Callable[[], torch.Tensor]:
             if kind == "time_to_first_token":
                 return lambda: start_image_generation(model, PROMPT, CFG_SCALE, temperature=0.0, seed=0).tokens[:, :1]
             pixels = kind == "image_total"
 
             def run() -> torch.Tensor:
-                result = generate_image(model, PROMPT, CFG_SCALE, temperature=0.0, seed=0, use_cuda_graph=use_graph,
-                                        decode_pixels=pixels)  # fmt: skip
+                result = generate_image(model, PROMPT, CFG_SCALE, temperature=temperature, seed=0,
+                                        use_cuda_graph=use_graph, decode_pixels=pixels, parallel=parallel)  # fmt: skip
+                run.passes = result.decoder_passes
                 return result.pixels if pixels else result.tokens
 
             return run
@@ -102,10 +109,18 @@ def e2e_cases(preset: str, dtype: torch.dtype, device: torch.device, tokens: int
         found = [Provider("fastmm", ours(True), graph_safe=False, backend=backend)]
         if device.type == "cuda" and kind != "time_to_first_token":
             found.append(Provider("fastmm_no_graph", ours(False), graph_safe=False, note="no CUDA graph"))
+        if kind in ("image_tokens", SAMPLED):
+            sjd = ours(False, JACOBI)
+            sjd()  # one run for the acceptance statistics of the note (the same seed: the same run as timed)
+            note = (f"window {JACOBI.window} ({JACOBI.init}): {sjd.passes} decoder passes, "
+                    f"{(tokens - 1) / sjd.passes:.2f} tokens per pass")  # fmt: skip
+            found.append(Provider("fastmm_sjd", sjd, same_result=kind != SAMPLED, graph_safe=False, note=note))
         if hf is not None:
             count = 1 if kind == "time_to_first_token" else tokens
-            found.append(Provider("transformers", lambda: _hf_generate(hf, prompt, count, kind == "image_total"),
-                                  graph_safe=False, note="generate(generation_mode='image')"))  # fmt: skip
+            sample = kind == SAMPLED
+            found.append(Provider("transformers", lambda: _hf_generate(hf, prompt, count, kind == "image_total", sample),
+                                  graph_safe=False, same_result=not sample,
+                                  note="generate(generation_mode='image')"))  # fmt: skip
         return found
 
     step_bytes = decode_weight_bytes(presets.demo_config(preset), dtype)
@@ -115,7 +130,8 @@ def e2e_cases(preset: str, dtype: torch.dtype, device: torch.device, tokens: int
         return Case(op=kind, shape=shape, dtype=dtype, bytes=passes * step_bytes, flops=0, bound="memory",
                     setup=lambda: providers(kind), items=steps)  # fmt: skip
 
-    kinds = [("time_to_first_token", 1), ("image_tokens", tokens)] + ([("image_total", 1)] if with_pixels else [])
+    kinds = [("time_to_first_token", 1), ("image_tokens", tokens), (SAMPLED, tokens)]
+    kinds += [("image_total", 1)] if with_pixels else []
     return [case(kind, steps) for kind, steps in kinds]
 
 
@@ -123,6 +139,9 @@ PROVIDERS = {
     "fastmm": "fastmm.runtime.generate_image (greedy, cfg 5) on UnifiedModel.from_pretrained; on CUDA the decode "
     "step is a replayed CUDA graph; the backend of fastmm's ops is shown next to it",
     "fastmm_no_graph": "the same without the CUDA graph (CUDA only)",
+    "fastmm_sjd": "generate_image(parallel=Jacobi(window=8, init='copy')): speculative Jacobi decoding, lossless "
+    "(greedy: the same tokens); windows run through the Python layers (no native multi-token layer yet); the note "
+    "gives the decoder passes and tokens per pass",
     "transformers": "JanusForConditionalGeneration.generate(generation_mode='image', do_sample=False, "
     "guidance_scale=5) on the same checkpoint (+ decode_image_tokens for image_total)",
 }
