@@ -1,4 +1,5 @@
-// decode_layer: one decoder layer of a decode step (B rows, one new token each) in a single native call.
+// decode_layer: one decoder layer of a decode step (B rows, L new tokens each: one for plain decoding, a window
+// for speculative Jacobi decoding) in a single native call.
 //
 // The Python path runs a layer as about 18 ops, each paying tens of microseconds of validation, launch and
 // allocation: at the 8 x 512 benchmark model that overhead was as large as streaming the weights. Here the
@@ -6,8 +7,8 @@
 //
 //   s = x (+ residual);  h = rms_norm(s) * input_norm[m]                 rms_norm_fwd (fused add)
 //   qkv = h Wqkv^T (+ b)                                                 skinny_linear
-//   q, k = rope(q, k) at positions;  cache[lengths] = k, v               rotate_and_cache (here)
-//   o = decode_attention(q, cache, lengths + 1)                          decode_attention_fwd
+//   q, k = rope(q, k) at positions + t;  cache[lengths + t] = k, v       rotate_and_cache (here)
+//   o = decode_attention(q, cache, lengths + L)  (causal in the window)  decode_attention_fwd
 //   a = o Wo^T (+ b);  s2 = a + s;  h2 = rms_norm(s2) * post_norm[m]     skinny_linear, rms_norm_fwd
 //   gate, up = h2 Wgu^T (+ b);  x_out = (silu(gate) * up) Wdown^T (+ b)  skinny_linear, swiglu (here)
 //
@@ -43,15 +44,16 @@ struct ScratchLayout {
   int64_t stream;     // [B, H]: s = x + residual, the residual stream into attention
   int64_t normed;     // [B, H]: h, then h2
   int64_t qkv;        // [B, (Hq + 2 Hkv) d]
-  int64_t q;          // [B, Hq, d]: rotated, as decode attention reads it
-  int64_t attended;   // [B, Hq d]
+  int64_t q;          // [B, Hq, L, d]: rotated, as decode attention reads it
+  int64_t attended;   // [B, Hq, L, d]: decode attention's output
+  int64_t tokens;     // [B L, Hq d]: the same, token-major for the o projection (used when L > 1)
   int64_t projected;  // [B, H]: a
   int64_t gate_up;    // [B, 2 I]
   int64_t swiglu;     // [B, I]
   int64_t size;
 
   ScratchLayout(const DecodeLayerShape& sh, int64_t element_size) {
-    const int64_t B = sh.batch;
+    const int64_t B = sh.batch * sh.tokens;  // rows: every token of every sequence
     int64_t end = 0;
     const auto take = [&](int64_t elements, int64_t size_of) {
       const int64_t start = end;
@@ -64,6 +66,7 @@ struct ScratchLayout {
     qkv = take(B * (sh.q_heads + 2 * sh.kv_heads) * sh.head_dim, element_size);
     q = take(B * sh.q_heads * sh.head_dim, element_size);
     attended = take(B * sh.q_heads * sh.head_dim, element_size);
+    tokens = sh.tokens > 1 ? take(B * sh.q_heads * sh.head_dim, element_size) : attended;
     projected = take(B * sh.hidden, element_size);
     gate_up = take(B * 2 * sh.intermediate, element_size);
     swiglu = take(B * sh.intermediate, element_size);
@@ -91,23 +94,38 @@ void rotate_head(const T* x, const float* cos, const float* sin, T* out, int64_t
   }
 }
 
-// The rotated q heads of every row into q [B, Hq, d]; the rotated k heads and the v heads into the cache at
-// the row's cache length (rotated by the row's position, which a pruned prefill leaves larger).
+// Token t of row b: its rotated q heads into q [B, Hq, L, d]; its rotated k heads and its v heads into the cache
+// at the row's cache length + t (rotated by the row's position + t, which a pruned prefill leaves larger).
 template <typename T>
 void rotate_and_cache(const DecodeLayerShape& sh, const DecodeLayerIO& io, const T* qkv, T* q) {
-  const int64_t d = sh.head_dim, Hq = sh.q_heads, Hkv = sh.kv_heads;
+  const int64_t d = sh.head_dim, Hq = sh.q_heads, Hkv = sh.kv_heads, L = sh.tokens;
   T* k_cache = static_cast<T*>(io.k_cache);
   T* v_cache = static_cast<T*>(io.v_cache);
   for (int64_t b = 0; b < sh.batch; ++b) {
-    const int64_t position = io.positions[b];
-    const float* cos = io.rope_cos + position * d;
-    const float* sin = io.rope_sin + position * d;
-    const T* heads = qkv + b * (Hq + 2 * Hkv) * d;  // q heads, k heads, v heads
-    for (int64_t h = 0; h < Hq; ++h) rotate_head(heads + h * d, cos, sin, q + (b * Hq + h) * d, d);
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t slot = ((b * Hkv + h) * sh.cache_size + io.cache_lengths[b]) * d;
-      rotate_head(heads + (Hq + h) * d, cos, sin, k_cache + slot, d);
-      std::memcpy(v_cache + slot, heads + (Hq + Hkv + h) * d, d * sizeof(T));
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t position = io.positions[b] + t;
+      const float* cos = io.rope_cos + position * d;
+      const float* sin = io.rope_sin + position * d;
+      const T* heads = qkv + (b * L + t) * (Hq + 2 * Hkv) * d;  // q heads, k heads, v heads
+      for (int64_t h = 0; h < Hq; ++h) rotate_head(heads + h * d, cos, sin, q + ((b * Hq + h) * L + t) * d, d);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t slot = ((b * Hkv + h) * sh.cache_size + io.cache_lengths[b] + t) * d;
+        rotate_head(heads + (Hq + h) * d, cos, sin, k_cache + slot, d);
+        std::memcpy(v_cache + slot, heads + (Hq + Hkv + h) * d, d * sizeof(T));
+      }
+    }
+  }
+}
+
+// attended [B, Hq, L, d] -> tokens [B, L, Hq, d]: token-major rows for the o projection.
+template <typename T>
+void heads_to_tokens(const DecodeLayerShape& sh, const T* attended, T* tokens) {
+  const int64_t d = sh.head_dim, Hq = sh.q_heads, L = sh.tokens;
+  for (int64_t b = 0; b < sh.batch; ++b) {
+    for (int64_t h = 0; h < Hq; ++h) {
+      for (int64_t t = 0; t < L; ++t) {
+        std::memcpy(tokens + ((b * L + t) * Hq + h) * d, attended + ((b * Hq + h) * L + t) * d, d * sizeof(T));
+      }
     }
   }
 }
@@ -143,7 +161,7 @@ template <typename T>
 void run_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const DecodeLayerIO& io, int dtype,
                int num_threads, int attention_threads) {
   const ScratchLayout at(sh, sizeof(T));
-  const int64_t B = sh.batch, H = sh.hidden, I = sh.intermediate, d = sh.head_dim;
+  const int64_t B = sh.batch * sh.tokens, H = sh.hidden, I = sh.intermediate, d = sh.head_dim;  // B: rows
   const int64_t q_width = sh.q_heads * d, qkv_width = (sh.q_heads + 2 * sh.kv_heads) * d;
   char* scratch = static_cast<char*>(io.scratch);
   const auto region = [&](int64_t offset) { return reinterpret_cast<T*>(scratch + offset); };
@@ -152,6 +170,7 @@ void run_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const De
   T* qkv = region(at.qkv);
   T* q = region(at.q);
   T* attended = region(at.attended);
+  T* token_major = region(at.tokens);
   T* projected = region(at.projected);
   T* gate_up = region(at.gate_up);
   T* activated = region(at.swiglu);
@@ -162,12 +181,13 @@ void run_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const De
   rms_norm_fwd(io.x, io.modality, w.input_norm, io.residual, normed, sum, rstd, B, H, w.input_norm_eps, dtype, 1);
   skinny_linear(normed, H, w.qkv, H, w.qkv_bias, qkv, B, H, qkv_width, dtype, num_threads);
   rotate_and_cache<T>(sh, io, qkv, q);
-  std::vector<int32_t> cache_len(io.cache_lengths, io.cache_lengths + B);  // B ints; the kernels allocate more
-  for (int32_t& length : cache_len) length += 1;                    // the new token is the last one attended
-  decode_attention_fwd(q, io.k_cache, io.v_cache, cache_len.data(), attended, B, sh.q_heads, sh.kv_heads, 1,
-                       sh.cache_size, d, std::pow(static_cast<double>(d), -0.5), dtype,
+  std::vector<int32_t> cache_len(io.cache_lengths, io.cache_lengths + sh.batch);  // the kernels allocate more
+  for (int32_t& length : cache_len) length += static_cast<int32_t>(sh.tokens);   // the new tokens are attended last
+  decode_attention_fwd(q, io.k_cache, io.v_cache, cache_len.data(), attended, sh.batch, sh.q_heads, sh.kv_heads,
+                       sh.tokens, sh.cache_size, d, std::pow(static_cast<double>(d), -0.5), dtype,
                        attention_threads);  // the scale as Python's d ** -0.5
-  skinny_linear(attended, q_width, w.o, q_width, w.o_bias, projected, B, q_width, H, dtype, num_threads);
+  if (sh.tokens > 1) heads_to_tokens<T>(sh, attended, token_major);
+  skinny_linear(token_major, q_width, w.o, q_width, w.o_bias, projected, B, q_width, H, dtype, num_threads);
 
   // MLP block.
   rms_norm_fwd(projected, io.modality, w.post_attention_norm, stream, normed, io.residual_out, rstd, B, H,
@@ -179,8 +199,8 @@ void run_layer(const DecodeLayerShape& sh, const DecodeLayerWeights& w, const De
 
 void check_shape(const DecodeLayerShape& sh, int num_threads, int attention_threads) {
   const char* op = "decode_layer";
-  FASTMM_CHECK(sh.batch >= 1 && sh.hidden >= 1 && sh.intermediate >= 1 && sh.cache_size >= 1, op,
-               "batch, hidden, intermediate and cache_size must be >= 1");
+  FASTMM_CHECK(sh.batch >= 1 && sh.tokens >= 1 && sh.hidden >= 1 && sh.intermediate >= 1 && sh.cache_size >= 1, op,
+               "batch, tokens, hidden, intermediate and cache_size must be >= 1");
   FASTMM_CHECK(sh.kv_heads >= 1 && sh.q_heads >= 1 && sh.q_heads % sh.kv_heads == 0, op,
                "q_heads must be a multiple of kv_heads >= 1, got " + std::to_string(sh.q_heads) + " and " +
                    std::to_string(sh.kv_heads));
@@ -224,13 +244,14 @@ T* ptr(uintptr_t address) {
 FASTMM_ENTRY_POINTS(m) {
   m.def(
       "decode_layer_scratch_size",
-      [](int64_t batch, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
-         int64_t cache_size, int dtype) {
-        const fastmm::DecodeLayerShape shape{batch, hidden, q_heads, kv_heads, head_dim, intermediate, cache_size};
+      [](int64_t batch, int64_t tokens, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+         int64_t intermediate, int64_t cache_size, int dtype) {
+        const fastmm::DecodeLayerShape shape{batch, tokens, hidden, q_heads, kv_heads, head_dim, intermediate,
+                                             cache_size};
         return fastmm::decode_layer_scratch_size(shape, dtype);
       },
-      pybind11::arg("batch"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"), pybind11::arg("head_dim"),
-      pybind11::arg("intermediate"), pybind11::arg("cache_size"), pybind11::arg("dtype"));
+      pybind11::arg("batch"), pybind11::arg("tokens"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"),
+      pybind11::arg("head_dim"), pybind11::arg("intermediate"), pybind11::arg("cache_size"), pybind11::arg("dtype"));
 
   // Per-call buffers first, then the layer's constants, so that a caller can keep the latter in one tuple.
   m.def(
@@ -240,9 +261,11 @@ FASTMM_ENTRY_POINTS(m) {
          uintptr_t scratch, int64_t scratch_size, uintptr_t input_norm, double input_norm_eps, uintptr_t qkv,
          uintptr_t qkv_bias, uintptr_t o, uintptr_t o_bias, uintptr_t post_attention_norm,
          double post_attention_norm_eps, uintptr_t gate_up, uintptr_t gate_up_bias, uintptr_t down,
-         uintptr_t down_bias, int64_t batch, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
-         int64_t intermediate, int64_t cache_size, int dtype, int num_threads, int attention_threads) {
-        const fastmm::DecodeLayerShape shape{batch, hidden, q_heads, kv_heads, head_dim, intermediate, cache_size};
+         uintptr_t down_bias, int64_t batch, int64_t tokens, int64_t hidden, int64_t q_heads, int64_t kv_heads,
+         int64_t head_dim, int64_t intermediate, int64_t cache_size, int dtype, int num_threads,
+         int attention_threads) {
+        const fastmm::DecodeLayerShape shape{batch, tokens, hidden, q_heads, kv_heads, head_dim, intermediate,
+                                             cache_size};
         const fastmm::DecodeLayerWeights weights{ptr<const void>(input_norm),
                                                  input_norm_eps,
                                                  ptr<const void>(qkv),
@@ -275,7 +298,7 @@ FASTMM_ENTRY_POINTS(m) {
       pybind11::arg("scratch"), pybind11::arg("scratch_size"), pybind11::arg("input_norm"), pybind11::arg("input_norm_eps"), pybind11::arg("qkv"),
       pybind11::arg("qkv_bias"), pybind11::arg("o"), pybind11::arg("o_bias"), pybind11::arg("post_attention_norm"),
       pybind11::arg("post_attention_norm_eps"), pybind11::arg("gate_up"), pybind11::arg("gate_up_bias"), pybind11::arg("down"),
-      pybind11::arg("down_bias"), pybind11::arg("batch"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"),
+      pybind11::arg("down_bias"), pybind11::arg("batch"), pybind11::arg("tokens"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"),
       pybind11::arg("head_dim"), pybind11::arg("intermediate"), pybind11::arg("cache_size"), pybind11::arg("dtype"), pybind11::arg("num_threads"),
       pybind11::arg("attention_threads"), fastmm::release());
 }

@@ -88,15 +88,16 @@ def uses_runner(decoder, cache: KVCache) -> bool:
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_runner_matches_the_python_path(name, dtype, monkeypatch):
+@pytest.mark.parametrize("tokens", [1, 3], ids=["one-token", "window-3"])
+def test_runner_matches_the_python_path(name, dtype, tokens, monkeypatch):
     decoder = random_decoder(dtype, **CONFIGS[name])
     native_cache, python_cache = prefilled(decoder), prefilled(decoder)
     B, H = 2, decoder.config.hidden_size
-    modality = torch.zeros(B, 1, dtype=torch.int64)
+    modality = torch.zeros(B, tokens, dtype=torch.int64)
     generator = torch.Generator().manual_seed(2)
     native, python = [], []
-    for _ in range(6):
-        token = torch.randn(B, 1, H, generator=generator).to(dtype)
+    for _ in range(6 // tokens):
+        token = torch.randn(B, tokens, H, generator=generator).to(dtype)
         native.append(decoder(token, modality, native_cache, prefill=False))
         with monkeypatch.context() as patch:
             patch.setattr(decoder, "_fused_decode_runner", lambda *args: None)
@@ -111,17 +112,18 @@ def test_runner_matches_the_python_path(name, dtype, monkeypatch):
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_reference_matches_the_python_path(name, dtype, monkeypatch):
+@pytest.mark.parametrize("tokens", [1, 3], ids=["one-token", "window-3"])
+def test_reference_matches_the_python_path(name, dtype, tokens, monkeypatch):
     """The reference, written from the formulas, against the decoder's layer loop (modules on ops), and the
     native runner against the reference, over several steps into caches of rows of different lengths."""
     decoder = random_decoder(dtype, **CONFIGS[name])
     caches = {"reference": prefilled(decoder), "python": prefilled(decoder), "native": prefilled(decoder)}
     B, H = 2, decoder.config.hidden_size
-    modality = torch.zeros(B, 1, dtype=torch.int64)
+    modality = torch.zeros(B, tokens, dtype=torch.int64)
     generator = torch.Generator().manual_seed(3)
     outputs = {key: [] for key in caches}
-    for _ in range(4):
-        token = torch.randn(B, 1, H, generator=generator).to(dtype)
+    for _ in range(max(4 // tokens, 2)):
+        token = torch.randn(B, tokens, H, generator=generator).to(dtype)
         with use_backend("reference"):
             outputs["reference"].append(decoder(token, modality, caches["reference"], prefill=False))
         outputs["native"].append(decoder(token, modality, caches["native"], prefill=False))
@@ -168,7 +170,8 @@ def test_python_path_where_the_runner_does_not_apply():
     cache = prefilled(decoder)
     token = torch.zeros(2, 1, decoder.config.hidden_size)
     assert decoder._fused_decode_runner(token, cache, prefill=True) is None
-    assert decoder._fused_decode_runner(torch.zeros(2, 2, decoder.config.hidden_size), cache, False) is None
+    window = decoder._fused_decode_runner(torch.zeros(2, 2, decoder.config.hidden_size), cache, False)
+    assert window.tokens == 2  # several tokens per row (a speculative window) run fused too
     assert decoder._fused_decode_runner(token.double(), cache, False) is None
     with torch.enable_grad():
         assert decoder._fused_decode_runner(token, cache, False) is None
@@ -277,5 +280,5 @@ def test_bad_steps_are_refused():
         step.run(token, torch.tensor([[0], [1]]))
     step.run(token, modality)
     cache.advance(1)  # row 0 now holds 6 of 6 positions
-    with pytest.raises(ValueError, match=r"the cache is full or corrupt: lengths must be in \[0, max_len = 6\)"):
+    with pytest.raises(ValueError, match=r"the cache is full or corrupt: lengths must be in \[0, max_len - 1 = 5\] before a decode step of 1 tokens"):
         step.run(token, modality)

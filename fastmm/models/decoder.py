@@ -242,7 +242,7 @@ class Decoder(nn.Module):
     def _fused_decode_runner(self, embeds: torch.Tensor, cache: KVCache, prefill: bool):
         """The runner of fastmm.ops.decode_layer's fused step for this step (built once per cache and batch), or
         None where the layers run in Python: prefill, and whatever ops.decode_layer.fused_decode_runs refuses
-        (several tokens per row, autograd, torch.compile, a backend without the fused step), RoPE tables that are
+        (autograd, torch.compile, a backend without the fused step), RoPE tables that are
         not fp32, and modality-adaptive models (routed k / v projections)."""
         if prefill:  # prefill drops the cache's runner itself
             return None

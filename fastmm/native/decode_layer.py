@@ -56,13 +56,13 @@ def _layer_weights(layer, widths: dict[str, int], dtype: torch.dtype) -> tuple[l
 
 
 class DecodeLayerRunner:
-    """Runs every layer of ``layers`` (DecodeLayerWeights, in order) for a decode step of ``batch`` rows (one new
-    token each) into ``cache``: ``run(embeds, modality) -> (x, residual)``, what the decoder's layer loop returns.
+    """Runs every layer of ``layers`` (DecodeLayerWeights, in order) for a decode step of ``batch`` rows of ``tokens``
+    new tokens each (one, or a window of speculative decoding, causal among them) into ``cache``: ``run(embeds, modality) -> (x, residual)``, what the decoder's layer loop returns.
     Its dtype is the first layer's q/k/v weight's: every weight and the cache must have it; the RoPE tables
     [positions, d] are float32."""
 
     def __init__(self, layers: Sequence, num_heads: int, cache: KVCache, rope_cos: torch.Tensor,
-                 rope_sin: torch.Tensor, batch: int):  # fmt: skip
+                 rope_sin: torch.Tensor, batch: int, tokens: int = 1):  # fmt: skip
         if not layers:
             raise ValueError("DecodeLayerRunner: layers must hold at least one layer, got none")
         dtype = layers[0].qkv.dtype
@@ -90,16 +90,18 @@ class DecodeLayerRunner:
             tensors, args = _layer_weights(layer, widths, dtype)
             self._weights.append(tensors)
             weight_args.append(args)
-        sizes = (batch, H, Hq, Hkv, d, I, S)
+        if not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"DecodeLayerRunner: tokens must be an int >= 1, got {tokens!r}")
+        sizes = (batch, tokens, H, Hq, Hkv, d, I, S)
         code = DTYPE_CODE[dtype]
         # Bytes; torch's CPU allocator aligns to 64 bytes, as decode_layer requires.
         self._scratch = torch.empty(_C.decode_layer_scratch_size(*sizes, code), dtype=torch.uint8)
-        self._x = torch.empty(batch, 1, H, dtype=dtype)  # each layer's output in turn
-        self._residual = torch.empty(batch, 1, H, dtype=dtype)  # the residual stream, updated in place by each layer
+        self._x = torch.empty(batch, tokens, H, dtype=dtype)  # each layer's output in turn
+        self._residual = torch.empty(batch, tokens, H, dtype=dtype)  # the residual stream, updated in place
 
-        self.batch, self.num_modalities, self.max_len, self.dtype = batch, M, S, dtype
-        self.embeds_shape = (batch, 1, H)
-        self._attention_work = batch * Hq * S * d  # what decode_attention's launcher picks its threads by
+        self.batch, self.tokens, self.num_modalities, self.max_len, self.dtype = batch, tokens, M, S, dtype
+        self.embeds_shape = (batch, tokens, H)
+        self._attention_work = batch * tokens * Hq * S * d  # what decode_attention's launcher picks its threads by
         # decode_layer's arguments between (x, residual, modality) and the thread counts, one tuple per layer: each
         # layer writes and attends its own cache length (a pruned prefill leaves later layers shorter).
         outputs = (self._x.data_ptr(), self._residual.data_ptr())
@@ -113,26 +115,28 @@ class DecodeLayerRunner:
         self._out_ptrs = (self._x.data_ptr(), self._residual.data_ptr())
 
     def run(self, embeds: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer for one new token per row at RoPE position cache.positions, its k and v written into each
-        layer's cache at cache.lengths[layer] (which the caller then advances).
+        """Every layer for L new tokens per row at RoPE positions cache.positions + t, their k and v written into
+        each layer's cache at cache.lengths[layer] + t (which the caller then advances).
 
         Args:
-            embeds: [B, 1, H] CPU input embeddings in the runner's dtype.
-            modality: [B, 1] int64 modality ids in [0, M).
+            embeds: [B, L, H] CPU input embeddings in the runner's dtype.
+            modality: [B, L] int64 modality ids in [0, M).
 
         Returns:
-            (x, residual), both [B, 1, H]: the last layer's output and the residual stream, to be added and
+            (x, residual), both [B, L, H]: the last layer's output and the residual stream, to be added and
             normed by the final norm. They are the runner's buffers, overwritten by the next run.
         """
         x, ids = self._checked_inputs(embeds, modality)
+        L = self.tokens
         lo, hi = (int(bound) for bound in torch.aminmax(self._lengths))
-        if lo < 0 or hi >= self.max_len:
+        if lo < 0 or hi > self.max_len - L:
             raise ValueError(f"DecodeLayerRunner.run: the cache is full or corrupt: lengths must be in "
-                             f"[0, max_len = {self.max_len}) before a decode step, got [{lo}, {hi}]")  # fmt: skip
+                             f"[0, max_len - {L} = {self.max_len - L}] before a decode step of {L} tokens, got "
+                             f"[{lo}, {hi}]")  # fmt: skip
         lo, hi = (int(bound) for bound in torch.aminmax(self._positions))
-        if lo < 0 or hi >= self._rope_positions:
-            raise ValueError(f"DecodeLayerRunner.run: cache.positions must be in [0, {self._rope_positions}) (the "
-                             f"RoPE tables' rows) before a decode step, got [{lo}, {hi}]")  # fmt: skip
+        if lo < 0 or hi > self._rope_positions - L:
+            raise ValueError(f"DecodeLayerRunner.run: cache.positions must be in [0, {self._rope_positions - L}] (the "
+                             f"RoPE tables' rows) before a decode step of {L} tokens, got [{lo}, {hi}]")  # fmt: skip
         threads, attention_threads = torch.get_num_threads(), threads_for(self._attention_work)
         x_ptr, residual_ptr, ids_ptr = x.data_ptr(), 0, ids.data_ptr()  # layer 0: no residual yet
         for args in self._layer_args:
@@ -146,15 +150,15 @@ class DecodeLayerRunner:
 
     def _checked_inputs(self, embeds: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeds contiguous, modality as [B] contiguous ids), after checking their shapes, dtypes and ids."""
-        B = self.batch
+        B, L = self.batch, self.tokens
         x = embeds.contiguous()
         if x.shape != self.embeds_shape or x.dtype != self.dtype or not x.is_cpu:
             raise ValueError(f"DecodeLayerRunner.run: embeds must be a CPU {self.dtype} tensor of shape {self.embeds_shape}, "
                              f"got {x.dtype} shape {tuple(x.shape)} on {x.device}")  # fmt: skip
-        if modality.shape != (B, 1) or modality.dtype != torch.int64 or not modality.is_cpu:
-            raise ValueError(f"DecodeLayerRunner.run: modality must be a CPU int64 tensor of shape ({B}, 1), got "
+        if modality.shape != (B, L) or modality.dtype != torch.int64 or not modality.is_cpu:
+            raise ValueError(f"DecodeLayerRunner.run: modality must be a CPU int64 tensor of shape ({B}, {L}), got "
                              f"{modality.dtype} shape {tuple(modality.shape)} on {modality.device}")  # fmt: skip
-        ids = modality.reshape(B).contiguous()
+        ids = modality.reshape(B * L).contiguous()
         lo, hi = (int(bound) for bound in torch.aminmax(ids))
         if lo < 0 or hi >= self.num_modalities:
             raise ValueError(f"DecodeLayerRunner.run: modality ids must be in [0, {self.num_modalities}), "

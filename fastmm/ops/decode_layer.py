@@ -1,4 +1,5 @@
-"""The fused decode step: every layer of a Llama-style decoder for one new token per row, one call per layer.
+"""The fused decode step: every layer of a Llama-style decoder for the new tokens of each row (one, or a
+speculative decoding window), one call per layer.
 
 A decode step through separate ops pays validation, launch and allocation about 18 times per layer; on the CPU
 that costs about as much as the weight GEMMs at the 8 x 512 benchmark model. The fused step pays them once per
@@ -52,11 +53,11 @@ def _runner_type(device: torch.device):
 
 
 def fused_decode_runs(embeds: torch.Tensor) -> bool:
-    """Whether the fused step runs a decode step with these input embeddings [B, L, H]: one token per row, no
-    autograd, no torch.compile tracing, a dtype and device whose backend has the fused step (reference, native)."""
+    """Whether the fused step runs a decode step with these input embeddings [B, L, H] (L new tokens per row: one,
+    or a speculative window): no autograd, no torch.compile tracing, a dtype and device whose backend has the fused
+    step (reference, native)."""
     return (
         not torch.compiler.is_compiling()
-        and embeds.shape[1] == 1
         and embeds.dtype in FLOAT_DTYPES
         and not torch.is_grad_enabled()
         and _runner_type(embeds.device) is not None
@@ -87,15 +88,16 @@ class DecodeRunners:
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
     ):
-        """The runner of ``cache`` for a step on ``embeds`` [B, 1, H] (``run(embeds, modality) -> (x, residual)``),
+        """The runner of ``cache`` for a step on ``embeds`` [B, L, H] (``run(embeds, modality) -> (x, residual)``),
         or None where the fused step does not run (fused_decode_runs). ``layers`` is called only to build one."""
         if not fused_decode_runs(embeds):
             return None
-        batch = embeds.shape[0]
+        batch, tokens = embeds.shape[:2]
         runner = self._by_cache.get(cache)
         runner_type = _runner_type(embeds.device)
-        if type(runner) is not runner_type or runner.batch != batch:  # a backend switch builds the new backend's
-            runner = self._by_cache[cache] = runner_type(layers(), num_heads, cache, rope_cos, rope_sin, batch)
+        # A backend switch builds the new backend's runner; a new batch or window size, one of that shape.
+        if type(runner) is not runner_type or runner.batch != batch or runner.tokens != tokens:
+            runner = self._by_cache[cache] = runner_type(layers(), num_heads, cache, rope_cos, rope_sin, batch, tokens)
         return runner
 
     def drop(self, cache: KVCache) -> None:
