@@ -19,9 +19,11 @@
 // at a threshold are kept together, as the spec says. Threads split the rows.
 #include "sampling.h"
 
+#include <algorithm>
 #include <iterator>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "module.h"
@@ -207,7 +209,10 @@ constexpr uint32_t kMaxBuckets = 2048;
 template <typename T, int G>
 class RowSampler {
  public:
-  RowSampler(const Problem<T>& pb, int64_t row) : pb_(pb), keys_(race_keys(pb.seed, pb.step, row)) {
+  RowSampler(const Problem<T>& pb, int64_t row) : RowSampler(pb, row, race_keys(pb.seed, pb.step, row)) {}
+
+  // keys: the race's RNG words (only sample() draws; probs() needs none).
+  RowSampler(const Problem<T>& pb, int64_t row, RaceKeys keys) : pb_(pb), keys_(keys) {
     for (int i = 0; i < G; ++i) {
       const T* group_row = pb.logits + (i * pb.batch + row) * pb.row_stride;
       if (pb.log_softmax) log_softmax_stats(group_row, pb.vocab, max_[i], log_sum_[i]);
@@ -223,13 +228,48 @@ class RowSampler {
       for_each_score([&](int64_t j, f32x16 z, int64_t) { best.update(z, j); });
       return pb_.lo + best.index();
     }
-    uint32_t min_key = 0;  // kept: ordered_keys(s) >= min_key
-    if (pb_.top_k > 0 && pb_.top_k < count) min_key = kth_largest_key(pb_.top_k);
-    if (pb_.top_p < 1.f) min_key = std::max(min_key, top_p_key(min_key, max_score(), pb_.top_p));
-    return race(min_key);
+    return race(kept_min_key(count));
+  }
+
+  // The distribution sample() draws from, over the allowed ids, into p[0, hi - lo) (reference: processed_probs):
+  // one-hot at the greedy id at temperature 0, else exp(s - max) over the kept ids (0 elsewhere) times 1 / their
+  // sum, as torch.softmax computes it (its exp and its order of summation differ in the last bits).
+  void probs(float* p) const {
+    const int64_t count = pb_.hi - pb_.lo;
+    if (pb_.temperature == 0.f) {
+      ArgMax best;
+      for_each_score([&](int64_t j, f32x16 z, int64_t) { best.update(z, j); });
+      std::fill(p, p + count, 0.f);
+      p[best.index()] = 1.f;
+      return;
+    }
+    const uint32_t min_key = kept_min_key(count);
+    const float max = max_score();  // top-k and top-p always keep the max
+    f32x16 sum = {};
+    for_each_score([&](int64_t j, f32x16 s, int64_t n) {
+      i32x16 kept = lane_ids() < static_cast<int32_t>(n);
+      if (min_key) kept &= ordered_keys(s) >= min_key;
+      const f32x16 w = kept ? exp_lanes(s - max) : f32x16{};
+      if (n == kBlock) {
+        store_block(p + j, w, FullBlock{});
+      } else {
+        store_block(p + j, w, n);
+      }
+      sum += w;
+    });
+    const f32x16 scale = splat(1.f / lane_sum(sum));
+    for_each_block_here(count, [&](int64_t j, auto n) { store_block(p + j, load_block(p + j, n) * scale, n); });
   }
 
  private:
+  // The smallest ordered key the kept set holds (top-k, then top-p); 0 keeps all.
+  uint32_t kept_min_key(int64_t count) const {
+    uint32_t min_key = 0;  // kept: ordered_keys(s) >= min_key
+    if (pb_.top_k > 0 && pb_.top_k < count) min_key = kth_largest_key(pb_.top_k);
+    if (pb_.top_p < 1.f) min_key = std::max(min_key, top_p_key(min_key, max_score(), pb_.top_p));
+    return min_key;
+  }
+
   // Scores of the allowed ids [lo + j, lo + j + n): guided, NaN as -inf, divided by the temperature unless
   // greedy. Operations in the reference's order (guided_scores); (x - 0) - 0 == x for mix "logits".
   template <typename N>
@@ -355,6 +395,92 @@ void sample_rows(const Problem<T>& pb, int64_t* out, int num_threads) {
   });
 }
 
+// ---- speculative Jacobi verification (reference: jacobi_verify_fwd and its helpers) -------------------------
+
+// The RNG words of stream `stream` at token position `position` for image b (reference: stream_bits).
+inline RaceKeys stream_keys(uint32_t seed, int64_t position, uint64_t stream, int64_t image) {
+  return race_keys(seed, static_cast<uint64_t>(position) + (stream << 32), image);
+}
+
+// The index j in [0, n) maximizing log(w_j) - log E_j, w_j = p_j, or max(0, p_j - q_j) when q is given, with
+// E_j drawn for id j (relative, as the reference's race) from keys; the lowest index on ties, 0 when every w is
+// 0. As in RowSampler::race, a lane whose upper bound (log w < (e + 1) ln 2 for w's binary exponent e, one ln 2
+// more for rounding, plus race_noise_bound) stays below the best key so far is dropped before its logs.
+inline int64_t race_log_weights(const float* p, const float* q, int64_t n, RaceKeys keys) {
+  ArgMax best;
+  float leader = -kInf;
+  for_each_block_here(n, [&](int64_t j, auto count) {
+    f32x16 w = load_block(p + j, count);
+    if (q) {
+      w = w - load_block(q + j, count);
+      w = w > 0.f ? w : f32x16{};
+    }
+    const u32x16 ids = reinterpret_cast<u32x16>(lane_ids() + static_cast<int32_t>(j));
+    const f32x16 uniform = race_uniform(ids, keys);
+    const i32x16 exponent = (reinterpret_cast<i32x16>(w) >> 23) - 125;  // e + 2 (w >= 0)
+    const f32x16 bound = __builtin_convertvector(exponent, f32x16) * 0.6931472f + race_noise_bound(uniform);
+    uint32_t live = lane_bits((w > 0.f) & (bound >= leader));  // lanes past n load p = 0 (and q = 0)
+    if (!live) return;
+    const f32x16 noise = race_noise(uniform);
+    f32x16 key = splat(-kInf);
+    for (; live; live &= live - 1) {
+      const int l = __builtin_ctz(live);
+      key[l] = std::log(w[l]) + noise[l];
+    }
+    best.update(key, j);
+    leader = std::max(leader, lane_max(key));
+  });
+  return best.index();
+}
+
+struct JacobiWindow {
+  const int64_t* drafts;     // [N, W] absolute ids
+  const float* draft_probs;  // [N, W, n]
+  const int64_t* start;      // [N]
+  int64_t images, window, limit;
+  int64_t* count;   // [N]
+  int64_t* tokens;  // [N, W]
+  float* probs;     // [N, W, n]
+};
+
+// Rows (b, t) of the window in parallel: p into probs, the acceptance test and the redraft (stream 0). Then per
+// image the run of accepted slots, the correction at the first rejection (stream 2), and probs zeroed there.
+template <typename T, int G>
+void verify_window(const Problem<T>& pb, const JacobiWindow& jw, int num_threads) {
+  const int64_t n = pb.hi - pb.lo, W = jw.window, rows = jw.images * W;
+  std::vector<uint8_t> accepted_slot(rows);
+  parallel_for(rows, team_size(rows, num_threads), [&](int64_t begin, int64_t end, int) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / W, position = jw.start[b] + row % W;
+      float* p = jw.probs + row * n;
+      RowSampler<T, G>(pb, row, RaceKeys{0, 0}).probs(p);
+      const RaceKeys accept = stream_keys(pb.seed, position, 1, b);
+      const float u = (static_cast<float>(hash32(accept.key1 ^ accept.key2)) + 0.5f) * 0x1p-32f;
+      const int64_t d = jw.drafts[row] - pb.lo;
+      accepted_slot[row] = position < jw.limit && u * jw.draft_probs[row * n + d] < p[d];
+      jw.tokens[row] = pb.lo + race_log_weights(p, nullptr, n, stream_keys(pb.seed, position, 0, b));
+    }
+  });
+  parallel_for(jw.images, team_size(jw.images, num_threads), [&](int64_t begin, int64_t end, int) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t accepted = 0;
+      for (; accepted < W && accepted_slot[b * W + accepted]; ++accepted) {
+        jw.tokens[b * W + accepted] = jw.drafts[b * W + accepted];
+      }
+      const int64_t position = jw.start[b] + accepted;
+      const bool corrects = accepted < W && position < jw.limit;
+      if (corrects) {
+        const int64_t row = b * W + accepted;
+        jw.tokens[row] = pb.lo + race_log_weights(jw.probs + row * n, jw.draft_probs + row * n, n,
+                                                  stream_keys(pb.seed, position, 2, b));
+      }
+      const int64_t count = accepted + corrects;
+      jw.count[b] = count;
+      std::fill(jw.probs + b * W * n, jw.probs + (b * W + count) * n, 0.f);
+    }
+  });
+}
+
 }  // namespace
 
 // ---- entry point (registered at the bottom of this file) ------------------------------------------------------------
@@ -396,7 +522,60 @@ void cfg_sample(const TensorArg& logits, const TensorArg& offset, const TensorAr
   });
 }
 
+// fastmm._C.jacobi_verify: one speculative Jacobi verification (fastmm.reference.sampling.jacobi_verify_fwd)
+// into count [N], tokens [N, W] int64 and probs [N, W, hi - lo] fp32. logits [G*N, W, V] contiguous in a float
+// dtype, drafts [N, W] int64 absolute ids in [lo, hi), draft_probs [N, W, hi - lo] fp32, start [N] int64;
+// positions >= limit are never taken. Options as cfg_sample's.
+void jacobi_verify(const TensorArg& logits, const TensorArg& drafts, const TensorArg& draft_probs,
+                   const TensorArg& start, const TensorArg& count, const TensorArg& tokens, const TensorArg& probs,
+                   const std::vector<double>& scales, double temperature, int64_t top_k, double top_p, int64_t lo,
+                   int64_t hi, bool log_softmax, uint32_t seed, int64_t limit, int num_threads) {
+  constexpr const char* kKernel = "sampling";
+  const int64_t groups = static_cast<int64_t>(scales.size()) + 1;
+  check(logits, kKernel, "logits", contiguous(kFloats, {kAny, kAny, kAny}));
+  const int64_t rows = logits.sizes[0], window = logits.sizes[1], vocab = logits.sizes[2];
+  if (groups > 3 || rows < groups || rows % groups || window < 1 || vocab < 1 || vocab >= (int64_t{1} << 31)) {
+    fail(logits, kKernel, "logits",
+         "[G*N, W, V] with G = " + std::to_string(groups) + ", N >= 1, W >= 1 and 1 <= V < 2^31");
+  }
+  FASTMM_CHECK(0 <= lo && lo < hi && hi <= vocab, __func__,
+               "expected 0 <= lo < hi <= vocab, got lo " + std::to_string(lo) + ", hi " + std::to_string(hi));
+  const int64_t images = rows / groups, n = hi - lo;
+  check(drafts, kKernel, "drafts", contiguous(DType::kInt64, {images, window}));
+  check(draft_probs, kKernel, "draft_probs", contiguous(DType::kFloat32, {images, window, n}));
+  check(start, kKernel, "start", contiguous(DType::kInt64, {images}));
+  check(count, kKernel, "count", contiguous(DType::kInt64, {images}));
+  check(tokens, kKernel, "tokens", contiguous(DType::kInt64, {images, window}));
+  check(probs, kKernel, "probs", contiguous(DType::kFloat32, {images, window, n}));
+  FASTMM_CHECK(std::isfinite(temperature) && temperature >= 0 && top_k >= 0 && top_p > 0 && top_p <= 1, __func__,
+               "expected temperature >= 0, top_k >= 0 and 0 < top_p <= 1");
+  FASTMM_CHECK(num_threads >= 1, __func__, "num_threads must be >= 1, got " + std::to_string(num_threads));
+  const int64_t* draft_ids = drafts.ptr<const int64_t>();
+  for (int64_t i = 0; i < images * window; ++i) {
+    if (draft_ids[i] < lo || draft_ids[i] >= hi) {
+      refuse(kKernel, "drafts must lie in [lo, hi) = [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                          "), got " + std::to_string(draft_ids[i]));
+    }
+  }
+  const float scale0 = groups > 1 ? static_cast<float>(scales[0]) : 0.f;
+  const float scale1 = groups > 2 ? static_cast<float>(scales[1]) : 0.f;
+  const JacobiWindow jw{draft_ids,      draft_probs.ptr<const float>(), start.ptr<const int64_t>(), images, window,
+                        limit,          count.ptr<int64_t>(),           tokens.ptr<int64_t>(),      probs.ptr<float>()};
+  dispatch_dtype(static_cast<int>(logits.dtype), [&](auto tag) {
+    using T = decltype(tag);
+    // The window's rows as cfg_sample's batch: row b * W + t of group i is logits row i * N * W + b * W + t.
+    const Problem<T> pb{logits.ptr<const T>(), images * window, vocab, vocab, lo, hi, {scale0, scale1},
+                        static_cast<float>(temperature), top_k, static_cast<float>(top_p), log_softmax, seed, 0};
+    if (groups == 1) verify_window<T, 1>(pb, jw, num_threads);
+    if (groups == 2) verify_window<T, 2>(pb, jw, num_threads);
+    if (groups == 3) verify_window<T, 3>(pb, jw, num_threads);
+  });
+}
+
 }  // namespace entry
 }  // namespace fastmm
 
-FASTMM_ENTRY_POINTS(m) { m.def("cfg_sample", &fastmm::entry::cfg_sample, fastmm::release()); }
+FASTMM_ENTRY_POINTS(m) {
+  m.def("cfg_sample", &fastmm::entry::cfg_sample, fastmm::release());
+  m.def("jacobi_verify", &fastmm::entry::jacobi_verify, fastmm::release());
+}

@@ -84,6 +84,13 @@ def _valid_args(entry: str) -> dict:
         return {"logits": torch.randn(4, 10, generator=g), "offset": torch.tensor([3]),
                 "out": torch.empty(2, dtype=torch.int64), "scales": [2.0], "temperature": 1.0, "top_k": 0,
                 "top_p": 1.0, "lo": 0, "hi": 10, "log_softmax": False, "seed": 7, "num_threads": 1}  # fmt: skip
+    if entry == "jacobi_verify":
+        N, W, V = 2, 3, 10
+        return {"logits": torch.randn(2 * N, W, V, generator=g), "drafts": torch.randint(1, 9, (N, W), generator=g),
+                "draft_probs": torch.full((N, W, 8), 0.125), "start": torch.tensor([0, 4]),
+                "count": torch.empty(N, dtype=torch.int64), "tokens": torch.empty(N, W, dtype=torch.int64),
+                "probs": torch.empty(N, W, 8), "scales": [2.0], "temperature": 0.7, "top_k": 0, "top_p": 1.0,
+                "lo": 1, "hi": 9, "log_softmax": False, "seed": 7, "limit": 6, "num_threads": 1}  # fmt: skip
     if entry == "fusion_depthwise_gelu":
         B, gh, gw, d, k = 2, 3, 4, 8, 3
         return {"y": torch.randn(B, gh * gw, d, generator=g), "s": torch.randn(B, gh * gw, d, generator=g),
@@ -116,7 +123,7 @@ def _valid_args(entry: str) -> dict:
 
 ENTRIES = ["rms_norm_fwd", "layer_norm_fwd", "rms_norm_bwd", "layer_norm_bwd", "nearest_code", "skinny_linear",
            "span_attention_fwd", "decode_attention_fwd", "cfg_sample", "fusion_depthwise_gelu", "fusion_blend",
-           "attention_importance_fwd", "compact_tokens_fwd"]  # fmt: skip
+           "attention_importance_fwd", "compact_tokens_fwd", "jacobi_verify"]  # fmt: skip
 # Tensors an entry point accepts as None.
 OPTIONAL = {"residual", "residual_out", "bias", "dresidual_out", "dbias", "key_keep", "allowed", "offset"}
 # Tensors read through any non-negative strides (their spoiled layout is negative strides only).

@@ -39,3 +39,35 @@ def cfg_sample_fwd(
     _C.cfg_sample(logits, offset, out, scales, temperature, top_k, top_p, lo, hi, log_softmax, seed,
                   threads_for(logits.numel()))  # fmt: skip
     return out
+
+
+def jacobi_verify_fwd(
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor,
+    start: torch.Tensor,
+    limit: int,
+    scales: list[float],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    lo: int,
+    hi: int,
+    log_softmax: bool,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One speculative Jacobi verification: fastmm.reference.sampling.jacobi_verify_fwd's semantics and RNG.
+
+    fastmm._C.jacobi_verify computes each (image, slot) row's p, acceptance test and redraft on its own thread,
+    then per image the accepted run and the correction. p is a softmax like torch's but with its own exp and
+    order of summation (last-bit differences), so tests and races can resolve differently only at near-ties.
+    logits [G*N, W, V] contiguous; drafts [N, W] int64 in [lo, hi); draft_probs [N, W, hi - lo] fp32; start [N]
+    int64. Returns (count [N] int64, tokens [N, W] int64, probs [N, W, hi - lo] fp32).
+    """
+    N, W = drafts.shape
+    count = torch.empty(N, dtype=torch.int64)
+    tokens = torch.empty(N, W, dtype=torch.int64)
+    probs = torch.empty(N, W, hi - lo, dtype=torch.float32)
+    _C.jacobi_verify(logits, drafts, draft_probs, start, count, tokens, probs, list(scales), temperature, top_k,
+                     top_p, lo, hi, log_softmax, seed, limit, threads_for(logits.numel()))  # fmt: skip
+    return count, tokens, probs

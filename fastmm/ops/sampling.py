@@ -178,7 +178,7 @@ def cfg_sample(
 jacobi_initial_drafts = reference.jacobi_initial_drafts
 
 
-# Optional: no backend has its own kernel yet; every backend runs the reference's (fastmm.reference.sampling).
+# Optional: native has its own kernel; triton runs the reference's (fastmm.reference.sampling).
 @kernel_op("sampling", "jacobi_verify", optional=True)
 def jacobi_verify_fwd(
     logits: Tensor,
