@@ -76,6 +76,11 @@ class DecoderLayer(nn.Module):
         return (self.mlp(h), residual, stats) if return_stats else (self.mlp(h), residual)
 
 
+# Prompts of at most this many rows (batch x tokens) without padding or pruning run the fused decode step (one
+# native call per layer, its decode-sized GEMM kernels); longer ones run the layers' own GEMMs.
+FUSED_PROMPT_ROWS = 64
+
+
 class PrefillTokens(NamedTuple):
     """The prompt as a pruning policy sees it before a layer, in that layer's coordinates (after earlier pruning):
     row b's tokens are slots [0, count[b]), padding after."""
@@ -185,12 +190,16 @@ class Decoder(nn.Module):
                 so later layers compute exactly what an unpruned decoder computes on the shorter prompt.
                 Each pruning point reads the largest survivor count on the host (one sync) to size its buffer.
 
+        Short prompts without padding or pruning (B L <= FUSED_PROMPT_ROWS) run the fused decode step where it
+        runs (fastmm.ops.decode_layer: one native call per layer on CPU), the rest the layers.
+
         Returns:
             Prefilled(hidden, last, count).
         """
         B, L, _ = embeds.shape
         device = embeds.device
         slots = torch.arange(L, device=device)
+        unpadded = lengths is None
         if lengths is None:
             lengths = torch.full((B,), L, dtype=torch.int64, device=device)
         elif lengths.shape != (B,) or lengths.dtype.is_floating_point:
@@ -211,6 +220,14 @@ class Decoder(nn.Module):
         if prune is not None:
             prune.check(len(self.layers))
         self.decode_runners.drop(cache)  # a new sequence in this cache: its runner may predate new weights
+        if prune is None and unpadded and B * L <= FUSED_PROMPT_ROWS:
+            # A short prompt into an empty cache is a decode step of L tokens: causal over themselves.
+            runner = self._fused_decode_runner(embeds, cache, False)
+            if runner is not None:
+                x, residual = runner.run(embeds, modality)
+                cache.advance(L)
+                hidden = self.norm(x, modality, residual)[0]
+                return Prefilled(hidden, hidden[:, -1], lengths)
         positions = cache.positions.long()[:, None] + slots  # (B, L)
         kv_start = torch.zeros(B, L, dtype=torch.int32, device=device)
         kv_end = torch.where(valid, slots + 1, 0).int()  # causal; padding attends nothing
