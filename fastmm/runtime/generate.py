@@ -203,14 +203,14 @@ def generate_image(
     if progress is not None:
         progress(1, total)
     if parallel is not None:
-        stats = jacobi_decode(step, parallel)
+        passes = jacobi_decode(step, parallel)
         _synchronize(device)
         decoded = time.perf_counter()
         pixels = model.decode_image_tokens(step.tokens) if decode_pixels else None
         _synchronize(device)
         return GeneratedImages(tokens=step.tokens, pixels=pixels, time_to_first_token_s=first - start, capture_s=0.0,
                                decode_s=decoded - first, vq_decode_s=time.perf_counter() - decoded, cuda_graph=False,
-                               decoder_passes=stats.passes)  # fmt: skip
+                               decoder_passes=passes)  # fmt: skip
 
     graph = None
     if use_cuda_graph and device.type == "cuda":

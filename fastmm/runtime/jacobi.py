@@ -37,21 +37,10 @@ class Jacobi:
             raise ValueError(f"Jacobi: init must be one of {INITS}, got {self.init!r}")
 
 
-@dataclasses.dataclass
-class JacobiStats:
-    passes: int  # decoder passes after the prompt
-    new_tokens: int  # tokens they produced (every image's, summed)
-
-    @property
-    def tokens_per_pass(self) -> float:
-        """Tokens per pass and image: 1.0 is sequential decoding's."""
-        return self.new_tokens / max(self.passes, 1)
-
-
 @torch.no_grad()
-def jacobi_decode(step, parallel: Jacobi) -> JacobiStats:
-    """Fill step.tokens (an ImageDecodeStep after its first token; its cache holds window - 1 spare positions
-    past the image) by SJD. Returns the pass count and how many tokens they produced per image on average."""
+def jacobi_decode(step, parallel: Jacobi) -> int:
+    """Fill step.tokens (an ImageDecodeStep after its first token, its cache with ``window`` spare positions past
+    the image) by SJD. Returns the number of decoder passes."""
     model, cache, tokens = step.model, step.cache, step.tokens
     N, T = tokens.shape
     W, G = parallel.window, step.groups
@@ -67,7 +56,7 @@ def jacobi_decode(step, parallel: Jacobi) -> JacobiStats:
     vocab = model.config.image_gen.codebook_size  # image_logits' width
     drafts, probs = jacobi_initial_drafts(parallel.init, seed, accepted[:, None] + slots, tokens[:, :1].expand(N, W),
                                           vocab)  # fmt: skip
-    passes = produced = 0
+    passes = 0
     while int(accepted.min()) < T:
         last = tokens.gather(1, (accepted - 1)[:, None])  # [N, 1]: decided, not yet in the cache
         inputs = torch.cat([last, drafts[:, :-1]], dim=1)  # [N, W]
@@ -78,7 +67,7 @@ def jacobi_decode(step, parallel: Jacobi) -> JacobiStats:
         rows, taken = (slots[None, :] < count[:, None]).nonzero(as_tuple=True)
         tokens[rows, accepted[rows] + taken] = new[rows, taken]
         accepted += count
-        passes, produced = passes + 1, produced + int(count.sum())
+        passes += 1
         # The next window starts at the new frontier: the old window's redrafts shift left by count, and the
         # count slots freed at the end get initial drafts (a "copy" draft copies the last token before it).
         source = slots[None, :] + count[:, None]
@@ -90,4 +79,4 @@ def jacobi_decode(step, parallel: Jacobi) -> JacobiStats:
         drafts = torch.where(from_old, new.gather(1, source), fresh)
         probs = torch.where(from_old[..., None], new_probs.gather(1, source[..., None].expand(-1, -1, vocab)),
                             fresh_probs)  # fmt: skip
-    return JacobiStats(passes, produced)
+    return passes
