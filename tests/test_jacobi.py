@@ -288,3 +288,56 @@ def test_native_verify_equals_the_reference():
             torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0, msg=where)
             seen.update(int(c) for c in count)
     assert {0, 1, 8} <= seen and len(seen) >= 6  # rejections at the first slot, cuts and whole windows accepted
+
+
+
+def test_triton_verify_equals_the_reference():
+    """fastmm.triton's kernels (the interpreter without a GPU) against the reference: the same counts and tokens,
+    probs within 1e-6, over fp32 and bf16 logits, guidance on and off, temperature 0, plain temperature, top-k and
+    top-p, windows 1..5, images 1..2, a sub-range of allowed ids and limits that cut the window; drafts from p or,
+    in about half of the slots, drawn from a random q (rejections and corrections). A short list of cases, not
+    their product: the interpreter takes about a quarter of a second per row with top-k or top-p (32-pass
+    threshold searches)."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [  # dtype, scales, (temperature, top_k, top_p), mix, W, N, a sub-range of allowed ids
+        (torch.float32, (), (0.0, None, None), "logits", 5, 2, False),
+        (torch.bfloat16, (3.0,), (0.0, None, None), "log_softmax", 4, 2, True),
+        (torch.float32, (3.0,), (0.0, None, None), "logits", 3, 2, False),
+        (torch.float32, (), (0.7, 5, None), "logits", 1, 2, False),
+        (torch.bfloat16, (3.0,), (0.7, 5, None), "logits", 2, 1, True),
+        (torch.bfloat16, (), (1.3, None, 0.8), "logits", 2, 2, False),
+        (torch.float32, (3.0,), (1.3, None, 0.8), "logits", 3, 1, True),
+        (torch.float32, (), (0.9, None, None), "logits", 5, 2, False),  # no search: many rows at little cost
+        (torch.bfloat16, (3.0,), (0.9, None, None), "log_softmax", 4, 2, True),
+    ]
+    seen = set()
+    for case, (dtype, scales, (temperature, top_k, top_p), mix, W, N, sub_range) in enumerate(cases):
+        g = torch.Generator().manual_seed(1000 + case)
+        V, G = 38 + case % 5, len(scales) + 1
+        allowed = (3, V - 5) if sub_range else None
+        lo, hi = allowed or (0, V)
+        n = hi - lo
+        logits = (2 * torch.randn(G * N, W, V, generator=g)).to(dtype)
+        p = ref.processed_probs(logits.reshape(G * N * W, V), scales, temperature, top_k or 0, top_p or 1.0, lo, hi,
+                                mix == "log_softmax").view(N, W, n)  # fmt: skip
+        random = torch.rand(N, W, generator=g) < 0.5
+        q = torch.where(random[..., None], torch.softmax(3 * torch.randn(N, W, n, generator=g), dim=-1), p)
+        drafts = torch.multinomial(q.view(-1, n), 1, generator=g).view(N, W) + lo
+        start = torch.randint(0, 30, (N,), generator=g)
+        limit = int(start.min()) + W // 2 if case % 2 == 1 else 1000  # cuts some images' windows
+        options = dict(scales=scales, temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed, mix=mix,
+                       seed=case * 8 + W)  # fmt: skip
+        results = []
+        for backend, where in (("triton", device), ("reference", "cpu")):
+            with fastmm.use_backend(backend):
+                args = [t.to(where) for t in (logits, drafts, q, start)]
+                results.append([t.cpu() for t in fastmm.ops.jacobi_verify(*args, limit, **options)])
+        (count, tokens, probs), (ref_count, ref_tokens, ref_probs) = results
+        where = f"case {case}: {dtype} scales {scales} temperature {temperature} top_k {top_k} top_p {top_p} W {W}"
+        assert torch.equal(count, ref_count), where
+        assert torch.equal(tokens, ref_tokens), where
+        torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0, msg=where)
+        seen.update((int(c), W) for c in count)
+    # rejections at slot 0, accepted runs ended by a rejection or a cut, and a whole window accepted
+    assert (0, 1) in seen and (3, 3) in seen and any(0 < count < W for count, W in seen)

@@ -178,7 +178,7 @@ def cfg_sample(
 jacobi_initial_drafts = reference.jacobi_initial_drafts
 
 
-# Optional: native has its own kernel; triton runs the reference's (fastmm.reference.sampling).
+# Declared optional so that a backend may leave it out and run the reference's; native and triton have their own.
 @kernel_op("sampling", "jacobi_verify", optional=True)
 def jacobi_verify_fwd(
     logits: Tensor,

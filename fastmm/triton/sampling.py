@@ -35,7 +35,7 @@ from fastmm.reference import sampling as reference
 from fastmm.triton._shared import TRITON_DTYPE, aot_signature
 from fastmm.triton.aot import AotConfig, register_aot
 
-__all__ = ["cfg_sample"]
+__all__ = ["cfg_sample_fwd", "jacobi_verify_fwd"]
 
 _ONE_BITS = tl.constexpr(reference.ONE_BITS)
 _SQRT_HALF_BITS = tl.constexpr(reference.SQRT_HALF_BITS)
@@ -355,3 +355,259 @@ def _aot_config(dtype: str, groups: int) -> AotConfig:
 register_aot(
     _cfg_sample_kernel, [_aot_config(dtype, groups) for dtype in TRITON_DTYPE.values() for groups in (1, 2, 3)]
 )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speculative Jacobi decoding: the verification of a window (reference: jacobi_verify_fwd)
+# ----------------------------------------------------------------------------------------------------
+#
+# Two kernels, as the native version splits it. _jacobi_rows_kernel runs one program per window row (b, t): it
+# computes p, cfg_sample's processed distribution of the row (the same scores, kept set and tie rules as
+# _cfg_sample_kernel), writes it to probs, and finds the row's acceptance flag (position < limit and
+# u q(d) < p(d), u from stream 1), its redraft (the race of log p, stream 0) and its correction candidate (the
+# race of log max(0, p - q), stream 2). _jacobi_finish_kernel runs one program per image: the accepted run, the
+# correction at its end, the tokens and count, and zeros in probs over the slots < count. Race ids are relative
+# to lo, as the reference's. No host sync: limit is an argument, everything else stays on the device.
+
+
+@triton.jit
+def _log_positive(w):
+    """log w where w > 0; 0 elsewhere (masked by the caller: log 0 = -inf never wins a race), so that no lane
+    takes the log of 0."""
+    return tl.log(tl.where(w > 0.0, w, 1.0))
+
+
+@triton.jit
+def _kept_min_key(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, top_k, top_p, G: tl.constexpr,
+                  BLOCK_V: tl.constexpr):  # fmt: skip
+    """The smallest ordered key kept by top-k then top-p: _cfg_sample_kernel's search, pass for pass."""
+    min_key = tl.zeros((), tl.uint32)
+    top_bit = tl.full((), 0x80000000, tl.uint32)
+    if top_k > 0 and top_k < hi - lo:
+        for bit in range(32):
+            candidate = min_key | (top_bit >> bit)
+            count = _count_keys(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, candidate, G, BLOCK_V)
+            min_key = tl.where(count >= top_k, candidate, min_key)
+    if top_p < 1.0:
+        s_max = _max_score(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, G, BLOCK_V)
+        target = top_p * _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, 0, s_max,
+                                    G, BLOCK_V)  # fmt: skip
+        prefix = tl.zeros((), tl.uint32)
+        for bit in range(32):
+            candidate = prefix | (top_bit >> bit)
+            mass = _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, candidate,
+                              s_max, G, BLOCK_V)  # fmt: skip
+            prefix = tl.where(mass >= target, candidate, prefix)
+        min_key = tl.maximum(min_key, prefix)
+    return min_key
+
+
+@triton.jit(do_not_specialize=["rows", "W", "lo", "hi", "top_k", "log_softmax", "seed", "limit"])
+def _jacobi_rows_kernel(
+    LOGITS,  # [G*N*W, V] the window's logits, group-major, unit stride along V
+    DRAFTS,  # [N*W] int64 absolute draft ids
+    DRAFT_PROBS,  # [N*W, hi - lo] fp32: each draft's q
+    START,  # [N] int64 position of slot 0
+    PROBS,  # [N*W, hi - lo] fp32 out: p
+    ACCEPT,  # [N*W] int32 out: 1 where the draft is accepted (and its position < limit)
+    REDRAFT,  # [N*W] int64 out: the race winner of log p (stream 0), absolute
+    CORRECTION,  # [N*W] int64 out: the race winner of log max(0, p - q) (stream 2), absolute
+    rows,  # N*W
+    W,
+    V,
+    stride_row,
+    limit,
+    lo,
+    hi,
+    scale0,
+    scale1,
+    temperature,
+    top_k,
+    top_p,
+    log_softmax,
+    seed,
+    G: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // W
+    ROW = LOGITS + row.to(tl.int64) * stride_row
+    group_stride = rows.to(tl.int64) * stride_row
+    n = hi - lo
+    P_ROW = PROBS + row.to(tl.int64) * n
+    Q_ROW = DRAFT_PROBS + row.to(tl.int64) * n
+    cols = tl.arange(0, BLOCK_V)
+
+    zero = tl.zeros((), tl.float32)
+    stats = (zero, zero, zero, zero, zero, zero)
+    if log_softmax != 0:
+        max0, log_sum0 = _log_softmax_stats(ROW, V, BLOCK_V)
+        max1, log_sum1 = zero, zero
+        max2, log_sum2 = zero, zero
+        if G >= 2:
+            max1, log_sum1 = _log_softmax_stats(ROW + group_stride, V, BLOCK_V)
+        if G >= 3:
+            max2, log_sum2 = _log_softmax_stats(ROW + 2 * group_stride, V, BLOCK_V)
+        stats = (max0, log_sum0, max1, log_sum1, max2, log_sum2)
+
+    # p = one-hot at the argmax (temperature 0), else exp(s - s_max) / total over the kept ids.
+    best_id = lo
+    min_key = tl.zeros((), tl.uint32)
+    s_max = zero
+    total = zero + 1.0
+    if temperature == 0.0:
+        best = tl.full((), float("-inf"), tl.float32)
+        for start in range(lo, hi, BLOCK_V):
+            ids = start + cols
+            z = _scores(ROW, group_stride, ids, ids < hi, stats, scale0, scale1, 1.0, G)
+            best, best_id = _argmax_update(best, best_id, z, ids, hi)
+    else:
+        min_key = _kept_min_key(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, top_k, top_p, G,
+                                BLOCK_V)  # fmt: skip
+        s_max = _max_score(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, G, BLOCK_V)  # kept: top
+        total = _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, 0, s_max, G,
+                           BLOCK_V)  # fmt: skip
+
+    position = tl.load(START + b) + row % W
+    draft = tl.load(DRAFTS + row) - lo
+    redraft_key1, redraft_key2 = _row_keys(seed, position, b)  # stream 0
+    correction_key1, correction_key2 = _row_keys(seed, position + (2 << 32), b)
+    p_draft = zero
+    redraft_best = tl.full((), float("-inf"), tl.float32)
+    redraft_id = tl.zeros((), tl.int32)
+    correction_best = tl.full((), float("-inf"), tl.float32)
+    correction_id = tl.zeros((), tl.int32)
+    for start in range(lo, hi, BLOCK_V):
+        ids = start + cols
+        mask = ids < hi
+        if temperature == 0.0:
+            p = tl.where(ids == best_id, 1.0, 0.0)
+        else:
+            s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
+            kept = mask & (_ordered_keys(s) >= min_key)
+            p = tl.where(kept, tl.math.div_rn(tl.exp(s - s_max), total), 0.0)
+        rel = ids - lo
+        tl.store(P_ROW + rel, p, mask=mask)
+        p_draft += tl.sum(tl.where(rel == draft, p, 0.0), axis=0)
+        key = tl.where(mask & (p > 0.0), _log_positive(p) + _race_noise(rel, redraft_key1, redraft_key2),
+                       float("-inf"))  # fmt: skip
+        redraft_best, redraft_id = _argmax_update(redraft_best, redraft_id, key, rel, n)
+        residual = tl.maximum(p - tl.load(Q_ROW + rel, mask=mask, other=0.0), 0.0)
+        key = tl.where(mask & (residual > 0.0),
+                       _log_positive(residual) + _race_noise(rel, correction_key1, correction_key2),
+                       float("-inf"))  # fmt: skip
+        correction_best, correction_id = _argmax_update(correction_best, correction_id, key, rel, n)
+
+    accept_key1, accept_key2 = _row_keys(seed, position + (1 << 32), b)
+    u = (_hash32(accept_key1 ^ accept_key2).to(tl.float32) + 0.5) * _TWO_POW_MINUS_32
+    ok = (position < limit) & (u * tl.load(Q_ROW + draft) < p_draft)
+    tl.store(ACCEPT + row, ok.to(tl.int32))
+    tl.store(REDRAFT + row, (redraft_id + lo).to(tl.int64))
+    tl.store(CORRECTION + row, (correction_id + lo).to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["W", "n", "limit"])
+def _jacobi_finish_kernel(
+    DRAFTS,  # [N, W] int64
+    START,  # [N] int64
+    ACCEPT,  # [N, W] int32
+    REDRAFT,  # [N, W] int64
+    CORRECTION,  # [N, W] int64
+    COUNT,  # [N] int64 out
+    TOKENS,  # [N, W] int64 out
+    PROBS,  # [N, W, n] fp32 in and out: zeroed over the slots < count
+    W,
+    n,
+    limit,
+    BLOCK_W: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+):
+    b = tl.program_id(0)
+    slots = tl.arange(0, BLOCK_W)
+    in_window = slots < W
+    base = b * W
+    ok = tl.load(ACCEPT + base + slots, mask=in_window, other=0)
+    accepted = tl.min(tl.where(in_window & (ok == 0), slots, W), axis=0)  # the first rejection, W if none
+    corrects = (accepted < W) & (tl.load(START + b) + accepted < limit)
+    count = accepted + corrects.to(tl.int32)
+    drafts = tl.load(DRAFTS + base + slots, mask=in_window, other=0)
+    redraft = tl.load(REDRAFT + base + slots, mask=in_window, other=0)
+    correction = tl.load(CORRECTION + base + slots, mask=in_window, other=0)
+    tokens = tl.where(slots < accepted, drafts, tl.where((slots == accepted) & corrects, correction, redraft))
+    tl.store(TOKENS + base + slots, tokens, mask=in_window)
+    tl.store(COUNT + b, count.to(tl.int64))
+    P_IMAGE = PROBS + base.to(tl.int64) * n
+    zeroed = count.to(tl.int64) * n
+    offsets = tl.arange(0, BLOCK_Z)
+    for start in range(0, zeroed, BLOCK_Z):
+        tl.store(P_IMAGE + start + offsets, tl.zeros((BLOCK_Z,), tl.float32), mask=start + offsets < zeroed)
+
+
+_BLOCK_Z = 1024
+_FINISH_WARPS = 4
+
+
+def _rows_block_v(device: torch.device, n: int, V: int) -> int:
+    """_BLOCK_V on the GPU; under the interpreter (CPU tensors) tiles no wider than the row, for speed."""
+    return _BLOCK_V if device.type == "cuda" else min(_BLOCK_V, triton.next_power_of_2(max(n, V)))
+
+
+def jacobi_verify_fwd(logits, drafts, draft_probs, start, limit, scales, temperature, top_k, top_p, lo, hi,
+                      log_softmax, seed):  # fmt: skip
+    """One SJD verification: fastmm.reference.sampling.jacobi_verify_fwd's semantics and RNG.
+
+    logits [G*N, W, V] contiguous fp32 / fp16 / bf16; drafts [N, W] int64 absolute ids in [lo, hi);
+    draft_probs [N, W, hi - lo] fp32; start [N] int64; limit an int. Returns (count [N] int64, tokens [N, W]
+    int64, probs [N, W, hi - lo] fp32)."""
+    G = len(scales) + 1
+    N, W = drafts.shape
+    V, n = logits.shape[-1], hi - lo
+    device = logits.device
+    flat = logits.reshape(G * N * W, V)
+    probs = torch.empty(N, W, n, dtype=torch.float32, device=device)
+    accept = torch.empty(N, W, dtype=torch.int32, device=device)
+    redraft = torch.empty(N, W, dtype=torch.int64, device=device)
+    correction = torch.empty(N, W, dtype=torch.int64, device=device)
+    count = torch.empty(N, dtype=torch.int64, device=device)
+    tokens = torch.empty(N, W, dtype=torch.int64, device=device)
+    scale0, scale1 = (*map(float, scales), 0.0, 0.0)[:2]
+    seed_bits = seed - _INT32_PATTERN if seed >= _INT32_PATTERN // 2 else seed
+    limit = min(int(limit), 2**31 - 1)  # positions are int64, but no window reaches 2^31
+    _jacobi_rows_kernel[(N * W,)](
+        flat, drafts, draft_probs, start, probs, accept, redraft, correction, N * W, W, V, flat.stride(0), limit,
+        lo, hi, scale0, scale1, float(temperature), top_k, float(top_p), int(log_softmax), seed_bits, G=G,
+        BLOCK_V=_rows_block_v(device, n, V), num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
+    )  # fmt: skip
+    _jacobi_finish_kernel[(N,)](
+        drafts, start, accept, redraft, correction, count, tokens, probs, W, n, limit,
+        BLOCK_W=triton.next_power_of_2(W), BLOCK_Z=_BLOCK_Z, num_warps=_FINISH_WARPS, num_stages=1,
+    )  # fmt: skip
+    return count, tokens, probs
+
+
+def _jacobi_rows_aot_config(dtype: str, groups: int) -> AotConfig:
+    """The row kernel's launch for logits in ``dtype`` with ``groups`` groups (V and the row stride multiples of
+    16, as _aot_config)."""
+    constexprs = {"G": groups, "BLOCK_V": _BLOCK_V}
+    pointers = {"LOGITS": f"*{dtype}", "DRAFTS": "*i64", "DRAFT_PROBS": "*fp32", "START": "*i64", "PROBS": "*fp32",
+                "ACCEPT": "*i32", "REDRAFT": "*i64", "CORRECTION": "*i64"}  # fmt: skip
+    floats = ("scale0", "scale1", "temperature", "top_p")
+    signature = aot_signature(_jacobi_rows_kernel, pointers, constexprs, floats=floats)
+    label = f"{dtype} G={groups} BLOCK_V={_BLOCK_V}"
+    return AotConfig(label, signature, constexprs, _NUM_WARPS, 1, ("V", "stride_row"))
+
+
+def _jacobi_finish_aot_config(block_w: int) -> AotConfig:
+    """The finishing kernel's launch for windows of up to ``block_w`` slots."""
+    constexprs = {"BLOCK_W": block_w, "BLOCK_Z": _BLOCK_Z}
+    pointers = {"DRAFTS": "*i64", "START": "*i64", "ACCEPT": "*i32", "REDRAFT": "*i64", "CORRECTION": "*i64",
+                "COUNT": "*i64", "TOKENS": "*i64", "PROBS": "*fp32"}  # fmt: skip
+    signature = aot_signature(_jacobi_finish_kernel, pointers, constexprs)
+    return AotConfig(f"BLOCK_W={block_w} BLOCK_Z={_BLOCK_Z}", signature, constexprs, _FINISH_WARPS, 1, ("n",))
+
+
+register_aot(
+    _jacobi_rows_kernel,
+    [_jacobi_rows_aot_config(dtype, groups) for dtype in TRITON_DTYPE.values() for groups in (1, 2, 3)],
+)
+register_aot(_jacobi_finish_kernel, [_jacobi_finish_aot_config(block_w) for block_w in (1, 16, 64)])
