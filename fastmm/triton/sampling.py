@@ -210,6 +210,50 @@ def _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, mi
 # ----------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _group_stats(ROW, group_stride, V, log_softmax, G: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(max, log_sum) of each group's logits for mix "log_softmax"; zeros for raw logits (and absent groups)."""
+    zero = tl.zeros((), tl.float32)
+    stats = (zero, zero, zero, zero, zero, zero)
+    if log_softmax != 0:
+        max0, log_sum0 = _log_softmax_stats(ROW, V, BLOCK_V)
+        max1, log_sum1 = zero, zero
+        max2, log_sum2 = zero, zero
+        if G >= 2:
+            max1, log_sum1 = _log_softmax_stats(ROW + group_stride, V, BLOCK_V)
+        if G >= 3:
+            max2, log_sum2 = _log_softmax_stats(ROW + 2 * group_stride, V, BLOCK_V)
+        stats = (max0, log_sum0, max1, log_sum1, max2, log_sum2)
+    return stats
+
+
+@triton.jit
+def _kept_min_key(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, top_k, top_p, G: tl.constexpr,
+                  BLOCK_V: tl.constexpr):  # fmt: skip
+    """The smallest ordered key the kept set holds (kept: ordered key >= it), top-k first, then top-p: bit by bit
+    from the top, 32 counting passes each."""
+    min_key = tl.zeros((), tl.uint32)
+    top_bit = tl.full((), 0x80000000, tl.uint32)
+    if top_k > 0 and top_k < hi - lo:
+        for bit in range(32):
+            candidate = min_key | (top_bit >> bit)
+            count = _count_keys(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, candidate, G, BLOCK_V)
+            min_key = tl.where(count >= top_k, candidate, min_key)
+    if top_p < 1.0:
+        s_max = _max_score(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, G, BLOCK_V)
+        # Z is the mass at candidate 0 (every kept id): summed exactly like the masses below.
+        target = top_p * _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, 0, s_max,
+                                    G, BLOCK_V)  # fmt: skip
+        prefix = tl.zeros((), tl.uint32)
+        for bit in range(32):
+            candidate = prefix | (top_bit >> bit)
+            mass = _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, candidate,
+                              s_max, G, BLOCK_V)  # fmt: skip
+            prefix = tl.where(mass >= target, candidate, prefix)  # a NaN Z leaves 0: keep all
+        min_key = tl.maximum(min_key, prefix)
+    return min_key
+
+
 # Scalars that may be 1 stay runtime values: a specialization per value would recompile mid-generation.
 @triton.jit(do_not_specialize=["B", "lo", "hi", "top_k", "log_softmax", "seed"])
 def _cfg_sample_kernel(
@@ -236,17 +280,7 @@ def _cfg_sample_kernel(
     group_stride = B.to(tl.int64) * stride_row
     cols = tl.arange(0, BLOCK_V)
 
-    zero = tl.zeros((), tl.float32)
-    stats = (zero, zero, zero, zero, zero, zero)  # (max, log_sum) per group, 0 for raw logits
-    if log_softmax != 0:
-        max0, log_sum0 = _log_softmax_stats(ROW, V, BLOCK_V)
-        max1, log_sum1 = zero, zero
-        max2, log_sum2 = zero, zero
-        if G >= 2:
-            max1, log_sum1 = _log_softmax_stats(ROW + group_stride, V, BLOCK_V)
-        if G >= 3:
-            max2, log_sum2 = _log_softmax_stats(ROW + 2 * group_stride, V, BLOCK_V)
-        stats = (max0, log_sum0, max1, log_sum1, max2, log_sum2)
+    stats = _group_stats(ROW, group_stride, V, log_softmax, G, BLOCK_V)
 
     best = tl.full((), float("-inf"), tl.float32)
     best_id = lo
@@ -257,26 +291,8 @@ def _cfg_sample_kernel(
             z = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, 1.0, G)
             best, best_id = _argmax_update(best, best_id, z, ids, hi)
     else:
-        min_key = tl.zeros((), tl.uint32)  # kept: ordered key >= min_key
-        top_bit = tl.full((), 0x80000000, tl.uint32)
-        if top_k > 0 and top_k < hi - lo:
-            for bit in range(32):
-                candidate = min_key | (top_bit >> bit)
-                count = _count_keys(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, candidate, G,
-                                    BLOCK_V)  # fmt: skip
-                min_key = tl.where(count >= top_k, candidate, min_key)
-        if top_p < 1.0:
-            s_max = _max_score(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, G, BLOCK_V)
-            # Z is the mass at candidate 0 (every kept id): summed exactly like the masses below.
-            target = top_p * _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, 0,
-                                        s_max, G, BLOCK_V)  # fmt: skip
-            prefix = tl.zeros((), tl.uint32)
-            for bit in range(32):
-                candidate = prefix | (top_bit >> bit)
-                mass = _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, candidate,
-                                  s_max, G, BLOCK_V)  # fmt: skip
-                prefix = tl.where(mass >= target, candidate, prefix)  # a NaN Z leaves 0: keep all
-            min_key = tl.maximum(min_key, prefix)
+        min_key = _kept_min_key(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, top_k, top_p, G,
+                                BLOCK_V)  # fmt: skip
         key1, key2 = _row_keys(seed, tl.load(OFFSET), row)
         for start in range(lo, hi, BLOCK_V):
             ids = start + cols
@@ -377,29 +393,6 @@ def _log_positive(w):
     return tl.log(tl.where(w > 0.0, w, 1.0))
 
 
-@triton.jit
-def _kept_min_key(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, top_k, top_p, G: tl.constexpr,
-                  BLOCK_V: tl.constexpr):  # fmt: skip
-    """The smallest ordered key kept by top-k then top-p: _cfg_sample_kernel's search, pass for pass."""
-    min_key = tl.zeros((), tl.uint32)
-    top_bit = tl.full((), 0x80000000, tl.uint32)
-    if top_k > 0 and top_k < hi - lo:
-        for bit in range(32):
-            candidate = min_key | (top_bit >> bit)
-            count = _count_keys(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, candidate, G, BLOCK_V)
-            min_key = tl.where(count >= top_k, candidate, min_key)
-    if top_p < 1.0:
-        s_max = _max_score(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, G, BLOCK_V)
-        target = top_p * _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, 0, s_max,
-                                    G, BLOCK_V)  # fmt: skip
-        prefix = tl.zeros((), tl.uint32)
-        for bit in range(32):
-            candidate = prefix | (top_bit >> bit)
-            mass = _kept_mass(ROW, group_stride, lo, hi, stats, scale0, scale1, temperature, min_key, candidate,
-                              s_max, G, BLOCK_V)  # fmt: skip
-            prefix = tl.where(mass >= target, candidate, prefix)
-        min_key = tl.maximum(min_key, prefix)
-    return min_key
 
 
 @triton.jit(do_not_specialize=["rows", "W", "lo", "hi", "top_k", "log_softmax", "seed", "limit"])
@@ -439,16 +432,7 @@ def _jacobi_rows_kernel(
     cols = tl.arange(0, BLOCK_V)
 
     zero = tl.zeros((), tl.float32)
-    stats = (zero, zero, zero, zero, zero, zero)
-    if log_softmax != 0:
-        max0, log_sum0 = _log_softmax_stats(ROW, V, BLOCK_V)
-        max1, log_sum1 = zero, zero
-        max2, log_sum2 = zero, zero
-        if G >= 2:
-            max1, log_sum1 = _log_softmax_stats(ROW + group_stride, V, BLOCK_V)
-        if G >= 3:
-            max2, log_sum2 = _log_softmax_stats(ROW + 2 * group_stride, V, BLOCK_V)
-        stats = (max0, log_sum0, max1, log_sum1, max2, log_sum2)
+    stats = _group_stats(ROW, group_stride, V, log_softmax, G, BLOCK_V)
 
     # p = one-hot at the argmax (temperature 0), else exp(s - s_max) / total over the kept ids.
     best_id = lo
