@@ -170,15 +170,3 @@ class PyramidDrop:
 
     def survivors(self, layer_index: int, images: int) -> int:
         return images - math.floor(images * self.ratio) if layer_index in self.layers else images
-
-
-def kept_fraction(policy, num_layers: int, image_tokens: int, text_tokens: int) -> float:
-    """The share of the unpruned prefill's per-layer token work that ``policy`` leaves, counting tokens per layer
-    (the linear layers' FLOPs; attention's quadratic term is left out): what its prefill time should approach."""
-    policy.check(num_layers)
-    total = num_layers * (image_tokens + text_tokens)
-    images, work = image_tokens, 0
-    for index in range(num_layers):
-        images = policy.survivors(index, images)
-        work += images + text_tokens
-    return work / total
