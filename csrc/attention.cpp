@@ -29,10 +29,12 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
 #include "common.h"
+#include "lanes.h"
 #include "module.h"
 
 namespace fastmm {
@@ -91,17 +93,59 @@ inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
 }
 #pragma GCC diagnostic pop
 #else
-// The same operations lane by lane, for builds without AVX-512.
+// Builds without AVX-512. 2^x as above, with the scaling by 2^n done in two exponent-field halves (n alone
+// reaches -150, below the smallest normal exponent): 2^-150 and below round to 0, like vscalefps. The
+// comparison that clamps keeps a NaN (it compares false), and the NaN flows through the polynomial.
 inline f32x16 exp2_lanes(f32x16 x) {
-  for (int i = 0; i < kBlock; ++i) x[i] = std::exp2(x[i]);
-  return x;
+  x = x < -150.f ? splat(-150.f) : x;
+  x = x > 128.f ? splat(128.f) : x;
+  const f32x16 round_bias = splat(0x1.8p23f);  // adding and subtracting it rounds to the nearest integer
+  const f32x16 whole = (x + round_bias) - round_bias;
+  const f32x16 f = x - whole;
+  f32x16 p = splat(0x1.41a6fep-13f);
+  p = fma_lanes(p, f, splat(0x1.5f44f0p-10f));
+  p = fma_lanes(p, f, splat(0x1.3b2dfep-7f));
+  p = fma_lanes(p, f, splat(0x1.c6aed6p-5f));
+  p = fma_lanes(p, f, splat(0x1.ebfbdap-3f));
+  p = fma_lanes(p, f, splat(0x1.62e430p-1f));
+  p = fma_lanes(p, f, splat(1.f));
+  const i32x16 n = __builtin_convertvector(x == x ? whole : f32x16{}, i32x16);
+  const i32x16 half = n >> 1;
+  const auto power = [](i32x16 e) { return reinterpret_cast<f32x16>((e + 127) << 23); };
+  return p * power(half) * power(n - half);
 }
 
+#if defined(__AVX__)
+// out[j] = sum of the lanes of v[j], on 8-lane registers: each vector's two halves added, then for each group
+// of 8 vectors two rounds of horizontal adds and one swap of 128-bit halves.
+inline __m256 transpose_sum8(const __m256 (&h)[8]) {
+  const __m256 pairs0 = _mm256_hadd_ps(h[0], h[1]), pairs1 = _mm256_hadd_ps(h[2], h[3]);
+  const __m256 pairs2 = _mm256_hadd_ps(h[4], h[5]), pairs3 = _mm256_hadd_ps(h[6], h[7]);
+  const __m256 low = _mm256_hadd_ps(pairs0, pairs1), high = _mm256_hadd_ps(pairs2, pairs3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+}
+
+inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
+  __m256 first[8], second[8];
+  for (int i = 0; i < 8; ++i) {
+    __m256 halves[2][2];
+    std::memcpy(halves[0], &v[i], sizeof(v[i]));
+    std::memcpy(halves[1], &v[8 + i], sizeof(v[i]));
+    first[i] = _mm256_add_ps(halves[0][0], halves[0][1]);
+    second[i] = _mm256_add_ps(halves[1][0], halves[1][1]);
+  }
+  const __m256 sums[2] = {transpose_sum8(first), transpose_sum8(second)};
+  f32x16 out;
+  std::memcpy(&out, sums, sizeof(out));
+  return out;
+}
+#else
 inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
   f32x16 out;
   for (int j = 0; j < kBlock; ++j) out[j] = lane_sum(v[j]);
   return out;
 }
+#endif
 #endif
 
 // Lane-wise max; a NaN in v is dropped here and propagates through exp2(v - max) instead.
@@ -506,6 +550,7 @@ struct DecodePartials {
         sum(max.size()) {}
 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 // Lane partials of the dot product of a query (fp32, zero-padded to whole blocks) with one key row: two
 // accumulators, so that the chain of FMAs is half as long.
 template <typename T>
@@ -551,13 +596,75 @@ void accumulate_values(f32x16* out, float rescale, const float* p, const T* v, i
 
 // Up to kValueBlocks output blocks per pass over the value rows: d <= 128 takes one pass.
 constexpr int64_t kValueBlocks = 8;
+#else
+// The same with native-width Lanes (AVX2: 8 lanes). GCC 12 keeps an f32x16 that a loop carries in memory
+// there and moves it through general registers at every update (lanes.h), which made these two loops, the
+// whole of decode attention's arithmetic, many times slower than the registers allow.
+template <typename T>
+Lanes dot_lanes(const float* q, const T* key, int64_t dim) {
+  Lanes even = {}, odd = {};
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= dim; c += 2 * kLanes) {
+    even = fma_lanes(load_lanes(q + c), load_lanes(key + c), even);
+    odd = fma_lanes(load_lanes(q + c + kLanes), load_lanes(key + c + kLanes), odd);
+  }
+  if (c + kLanes <= dim) {
+    even = fma_lanes(load_lanes(q + c), load_lanes(key + c), even);
+    c += kLanes;
+  }
+  if (c < dim) odd = fma_lanes(load_lanes(q + c), load_lanes(key + c, dim - c), odd);
+  return even + odd;
+}
+
+template <typename T>
+f32x16 key_scores(const f32x16* q, const T* k, int64_t dim) {
+  const float* query = reinterpret_cast<const float*>(q);  // zero-padded to whole 16-lane blocks
+  f32x16 scores;
+#if defined(__AVX__)
+  __m256 halves[2];
+  for (int half = 0; half < 2; ++half) {
+    __m256 partials[8];
+    for (int j = 0; j < 8; ++j) partials[j] = dot_lanes(query, k + (8 * half + j) * dim, dim);
+    halves[half] = transpose_sum8(partials);
+  }
+  std::memcpy(&scores, halves, sizeof(scores));
+#else
+  for (int j = 0; j < kBlock; ++j) scores[j] = lanes_sum(dot_lanes(query, k + j * dim, dim));
+#endif
+  return scores;
+}
+
+template <int N, typename T>
+void accumulate_values(f32x16* out, float rescale, const float* p, const T* v, int64_t count, int64_t dim,
+                       int64_t first) {
+  constexpr int kVectors = N * kBlock / kLanes;
+  float* o = reinterpret_cast<float*>(out + first);
+  Lanes acc[kVectors];
+  for (int i = 0; i < kVectors; ++i) acc[i] = load_lanes(o + i * kLanes) * rescale;
+  const T* row = v + first * kBlock;
+  for (int64_t j = 0; j < count; ++j, row += dim) {
+    const Lanes pj = Lanes{} + p[j];
+    for (int i = 0; i < kVectors; ++i) acc[i] = fma_lanes(pj, load_lanes(row + i * kLanes), acc[i]);
+  }
+  for (int i = 0; i < kVectors; ++i) store_lanes(o + i * kLanes, acc[i]);
+}
+
+// Output blocks per pass: accumulators for 4 blocks fill half the 16 registers of AVX2.
+constexpr int64_t kValueBlocks = 4;
+#endif
+
+template <typename T>
+using ValuePass = void (*)(f32x16*, float, const float*, const T*, int64_t, int64_t, int64_t);
+
+// accumulate_values<1 .. kValueBlocks, T>.
+template <typename T, size_t... I>
+constexpr std::array<ValuePass<T>, sizeof...(I)> value_passes(std::index_sequence<I...>) {
+  return {accumulate_values<I + 1, T>...};
+}
 
 template <typename T>
 void accumulate_value_rows(f32x16* out, float rescale, const float* p, const T* v, int64_t count, int64_t dim) {
-  using Pass = void (*)(f32x16*, float, const float*, const T*, int64_t, int64_t, int64_t);
-  static constexpr std::array<Pass, kValueBlocks> passes = {
-      accumulate_values<1, T>, accumulate_values<2, T>, accumulate_values<3, T>, accumulate_values<4, T>,
-      accumulate_values<5, T>, accumulate_values<6, T>, accumulate_values<7, T>, accumulate_values<8, T>};
+  static constexpr auto passes = value_passes<T>(std::make_index_sequence<kValueBlocks>{});
   const int64_t whole = dim / kBlock;
   for (int64_t block = 0; block < whole; block += kValueBlocks) {
     passes[std::min(kValueBlocks, whole - block) - 1](out, rescale, p, v, count, dim, block);

@@ -4,7 +4,7 @@
 #pragma once
 
 #include <omp.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 

@@ -17,6 +17,11 @@
 // a transposed reduction of 16 accumulators at once: none was faster than 8 x 2 with hardware prefetch
 // alone. At M = 1 and 2 it reaches DRAM bandwidth; from M = 8 on, the FMAs (M per weight element) limit it.
 //
+// Without AVX-512 (AVX2: 16 registers of 8 lanes) the 8 x 2 tile of f32x16 does not fit the register file:
+// GCC moved every accumulator through memory and the kernel fell far behind F.linear at any M. There the tiles
+// are 4 weight rows x up to 3 rows of x in 8-lane registers, chosen against 4 x 2, 6 x 2, 8 x 1 and 3 x 4 on the
+// AVX2 development host (`fastmm bench linear` gives the figures); the weights widen from bf16 / fp16 in registers.
+//
 // bf16 with AVX512_BF16: widening each weight block to fp32 held the kernel at 16-23 GB/s (2 threads, M = 2,
 // weights from DRAM). vdpbf16ps instead multiplies 32 bf16 pairs of W and x exactly and adds them into 16 fp32
 // lanes, so x stays bf16 and a 64-byte weight block costs one instruction per row of x. Its tiles read one
@@ -28,8 +33,9 @@
 #include <vector>
 
 #include "common.h"
-#include "module.h"
+#include "lanes.h"
 #include "linear.h"
+#include "module.h"
 
 namespace fastmm {
 namespace {
@@ -134,10 +140,58 @@ void tile(const Problem<bf16, bf16>& pb, int64_t n, int64_t first_row) {
 }
 #endif
 
-// R weight rows from n against every row of x: pairs of rows, then the last row when M is odd.
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
+// Narrow vectors (AVX2: 16 registers of 8 fp32 lanes). The f32x16 tile above needs 16 accumulators of two
+// registers each there, so GCC keeps them in memory and moves every update through it. These tiles carry
+// native-width Lanes instead, R weight rows x MB rows of x sized to the register file: MB x blocks and R x MB
+// accumulators stay in registers while each weight block streams through one more.
+// y[m][n + r] for r < R and the MB rows of x from first_row, as tile() computes it.
+template <int R, int MB, typename T>
+void narrow_tile(const Problem<T>& pb, int64_t n, int64_t first_row) {
+  const T* w = pb.weight + n * pb.weight_stride;
+  const float* x = pb.x + first_row * pb.padded;
+  Lanes acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = Lanes{};
+  const auto accumulate = [&](int64_t j, auto load) {
+    Lanes xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = load_lanes(x + m * pb.padded + j);
+    for (int r = 0; r < R; ++r) {
+      const Lanes wv = load(w + r * pb.weight_stride + j);
+      for (int m = 0; m < MB; ++m) acc[m][r] = fma_lanes(wv, xv[m], acc[m][r]);
+    }
+  };
+  const int64_t full = pb.dim / kLanes * kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) accumulate(j, [](const T* p) { return load_lanes(p); });
+  if (full < pb.dim) accumulate(full, [&](const T* p) { return load_lanes(p, pb.dim - full); });
+  for (int m = 0; m < MB; ++m) {
+    T* out = pb.y + (first_row + m) * pb.out_features + n;
+    for (int r = 0; r < R; ++r) {
+      out[r] = from_float<T>(lanes_sum(acc[m][r]) + (pb.bias ? to_float(pb.bias[n + r]) : 0.f));
+    }
+  }
+}
+#endif
+
+#ifndef NARROW_MB
+#define NARROW_MB 4
+#endif
+#ifndef NARROW_R
+#define NARROW_R 3
+#endif
+// R weight rows from n against every row of x: pairs of rows, then the last row when M is odd (narrow
+// vectors: triples, then a pair or a single row).
 template <int R, typename T, typename X>
 void weight_tile(const Problem<T, X>& pb, int64_t n) {
   int64_t m = 0;
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
+  if constexpr (std::is_same_v<X, float>) {
+    for (; m + 3 <= pb.rows; m += 3) narrow_tile<R, 3>(pb, n, m);
+    if (m + 2 <= pb.rows) narrow_tile<R, 2>(pb, n, m);
+    if (m + 1 == pb.rows) narrow_tile<R, 1>(pb, n, m);
+    return;
+  }
+#endif
   if constexpr (std::is_same_v<X, bf16>) {  // one weight row per tile: more rows of x per pass
     for (; m + 4 <= pb.rows; m += 4) tile<R, 4>(pb, n, m);
   }
@@ -145,7 +199,11 @@ void weight_tile(const Problem<T, X>& pb, int64_t n) {
   if (m < pb.rows) tile<R, 1>(pb, n, m);
 }
 
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
+constexpr int kTileWeightRows = 4;  // R of the narrow tiles: with MB <= 3, 12 accumulators + 3 x + 1 weight block
+#else
 constexpr int kTileWeightRows = 8;  // R of the tiles (see the top of this file)
+#endif
 
 // Bytes of weights below which one more thread costs more to wake and join than it saves: about 5 us of one
 // core streaming from L2 / L3.

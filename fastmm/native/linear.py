@@ -19,12 +19,13 @@ from fastmm import _C
 # the 2-thread AMD EPYC development host MKL's sgemm stayed behind the skinny kernel (then bound by FMAs, M per
 # weight element) up to M = 64-128 (2048 x 2048: 3.1 vs 3.8 ms at M = 64, a tie at 128).
 SKINNY_MAX_ROWS = 16
-# bf16 is the exception: there F.linear is oneDNN's AVX512_BF16 GEMM, which catches up with the skinny kernel
-# (one weight row per pass, vdpbf16ps) around M = 4 and passes it at M = 8. `fastmm bench linear`, rows
-# `native_skinny` (2-thread AMD EPYC, 2026-11-23 17:55 UTC, decoder and head shapes at hidden 512 and 2048):
-# the kernel is 1.1-2.6x F.linear at M = 2, faster on 6 of 9 shapes at M = 4 (0.69-2.16x) and slower on 6 of
-# 9 at M = 8 (0.56-1.32x).
-SKINNY_MAX_ROWS_BF16 = 4
+# bf16 is the exception where the CPU has AVX512_BF16: there F.linear is oneDNN's bf16 GEMM, which catches up
+# with the skinny kernel (one weight row per pass, vdpbf16ps) around M = 4 and passes it at M = 8. `fastmm bench
+# linear`, rows `native_skinny` (2-thread AMD EPYC, 2026-11-23 17:55 UTC, decoder and head shapes at hidden 512
+# and 2048): the kernel is 1.1-2.6x F.linear at M = 2, faster on 6 of 9 shapes at M = 4 (0.69-2.16x) and slower
+# on 6 of 9 at M = 8 (0.56-1.32x). Without it torch's bf16 GEMM is a slow path and the skinny kernel (weights
+# widened in registers) stays ahead at every decode size.
+SKINNY_MAX_ROWS_BF16 = 4 if torch.cpu.get_capabilities().get("avx512_bf16", False) else SKINNY_MAX_ROWS
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
