@@ -176,13 +176,13 @@ def test_quick_e2e_bench_compares_with_transformers(tmp_path):
     _invoke("bench", "e2e", "--quick", "--device", "cpu", "--out", str(tmp_path))
     rows = [BenchResult(**row) for row in json.loads((tmp_path / "report.json").read_text())["results"]]
     assert {row.op for row in rows} == {"time_to_first_token", "image_tokens", "image_tokens_sampled"}
-    assert {row.provider for row in rows} == {"fastmm", "fastmm_sjd", "transformers"}
+    assert {row.provider for row in rows} == {"fastmm", "fastmm_sjd", "fastmm_sjd_auto", "transformers"}
     assert not [row.error for row in rows if row.error]
     tokens = [row for row in rows if row.op == "image_tokens"]
     assert all(row.ms_per_item is not None for row in tokens)
     assert all(row.rel_err == 0 for row in tokens if row.provider != "fastmm"), "greedy tokens must agree"
-    sjd = [row for row in rows if row.provider == "fastmm_sjd"]
-    assert len(sjd) == 2 and all("decoder passes" in row.note for row in sjd)
+    sjd = [row for row in rows if row.provider.startswith("fastmm_sjd")]
+    assert len(sjd) == 4 and all("decoder passes" in row.note for row in sjd)
 
 
 def test_quick_linear_bench_checks_fastmm_against_torch(tmp_path):

@@ -19,6 +19,7 @@ import fastmm
 from fastmm.models import UnifiedModel, presets
 from fastmm.reference import sampling as ref
 from fastmm.runtime import Jacobi, generate_image
+from fastmm.runtime import window as window_module
 
 PROMPT = [presets.BOS, 10, 11, 12, 13, 14, presets.BOI]
 
@@ -215,12 +216,48 @@ def test_greedy_verify_accepts_the_argmax_run():
     assert count.tolist() == [3] and tokens[0, :3].tolist() == [2, 4, 1] and tokens[0, 3].tolist() == 3
 
 
+# ------------------------------------------------------------------------------------------------ default window
+
+
+@pytest.mark.parametrize(
+    "crossover, rows_per_slot, tokens_left, expected",
+    [(40.0, 2, 100, 16), (9.0, 2, 100, 4), (9.9, 1, 100, 9), (3.0, 2, 100, 2), (0.5, 4, 100, 2), (40.0, 1, 5, 5),
+     (40.0, 1, 1, 1)],
+)
+def test_default_window_fills_rows_to_the_crossover(monkeypatch, crossover, rows_per_slot, tokens_left, expected):
+    """W = crossover rows // rows per slot, within [MIN_WINDOW, MAX_WINDOW] and the tokens left."""
+    monkeypatch.setattr(window_module, "crossover_rows", lambda device, dtype: crossover)
+    assert window_module.default_window(torch.device("cpu"), torch.float32, rows_per_slot, tokens_left) == expected
+
+
+def test_crossover_rows_measures_the_linear_kernel(monkeypatch):
+    """rows* = R t(1) / t(R): a kernel whose time grows with the rows only past 4 rows crosses over at 4."""
+    monkeypatch.setattr(window_module, "_median_seconds", lambda fn, device: fn())
+    monkeypatch.setattr(window_module.ops, "linear", lambda x, weight: max(4, x.shape[0]) * 1e-3)
+    window_module.crossover_rows.cache_clear()
+    try:
+        assert window_module.crossover_rows(torch.device("cpu"), torch.float32) == pytest.approx(4.0)
+    finally:
+        window_module.crossover_rows.cache_clear()
+
+
+def test_auto_window_is_reported_and_lossless(model40):
+    """The default window: the result names it, and greedy tokens still equal sequential greedy."""
+    expected = generate_image(model40, PROMPT, temperature=0.0, decode_pixels=False)
+    result = generate_image(model40, PROMPT, temperature=0.0, decode_pixels=False, parallel=Jacobi(init="copy"))
+    rows = window_module.crossover_rows(torch.device("cpu"), model40.generation_table.dtype)
+    assert result.window == max(2, min(16, int(rows // 2)))
+    assert torch.equal(result.tokens, expected.tokens)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
 def test_bad_input(model40):
-    with pytest.raises(ValueError, match="Jacobi: window must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="Jacobi: window must be an int >= 1 or 'auto', got 0"):
         Jacobi(0)
+    with pytest.raises(ValueError, match="Jacobi: window must be an int >= 1 or 'auto', got 'big'"):
+        Jacobi("big")
     with pytest.raises(ValueError, match="Jacobi: init must be one of"):
         Jacobi(4, "zeros")
     with pytest.raises(ValueError, match=r"the Jacobi window \(40\) is larger than the tokens left after the first \(39\)"):

@@ -174,19 +174,23 @@ def _time_graph(row: BenchResult, provider: Provider, quick: bool) -> None:
 
 
 def _target_value(target: Target, row: BenchResult, rows: list[BenchResult]) -> float | None:
-    """The metric of ``target`` on the fastmm ``row`` (rows: the whole run, for memory baselines)."""
+    """The metric of ``target`` on the provider's ``row`` (rows: the whole run, for the baselines)."""
     if target.metric == "pct_of_peak":
         return row.pct_of_peak
     kind, baseline = target.metric.split(":", 1)
-    if kind == "speedup":
-        return row.speedup_vs.get(baseline)
     same_case = [
-        other.peak_alloc_mib for other in rows
+        other for other in rows
         if other.provider == baseline and other.op == row.op and other.shape == row.shape and other.dtype == row.dtype
     ]  # fmt: skip
-    if not same_case or not same_case[0] or row.peak_alloc_mib is None:
+    if kind == "speedup":
+        if baseline in row.speedup_vs:
+            return row.speedup_vs[baseline]
+        if not same_case or same_case[0].median_ms is None or not row.median_ms:
+            return None
+        return same_case[0].median_ms / row.median_ms
+    if not same_case or not same_case[0].peak_alloc_mib or row.peak_alloc_mib is None:
         return None
-    return 100 * row.peak_alloc_mib / same_case[0]
+    return 100 * row.peak_alloc_mib / same_case[0].peak_alloc_mib
 
 
 def check_targets(suite: Suite, rows: list[BenchResult]) -> list[TargetCheck]:
@@ -196,13 +200,14 @@ def check_targets(suite: Suite, rows: list[BenchResult]) -> list[TargetCheck]:
     for target in suite.targets:
         at_shape = [
             row for row in rows
-            if row.suite == suite.name and row.op == target.op and row.provider == "fastmm"
+            if row.suite == suite.name and row.op == target.op and row.provider == target.provider
             and all(row.shape.get(key) == value for key, value in target.where.items())
             and target.dtype in (None, row.dtype)
         ]
         for row in at_shape:
             if row.backend != target.backend or row.median_ms is None:
-                why = f"fastmm failed: {row.error}" if row.median_ms is None else f"fastmm ran on {row.backend}"
+                who = target.provider
+                why = f"{who} failed: {row.error}" if row.median_ms is None else f"{who} ran on {row.backend}"
                 checks.append(TargetCheck(suite.name, target.describe(), row.dtype, None, None, why))
                 continue
             value = _target_value(target, row, rows)

@@ -23,6 +23,7 @@ import torch
 from fastmm import ops
 from fastmm.runtime.cuda_graph import capture_step
 from fastmm.runtime.jacobi import Jacobi, jacobi_decode
+from fastmm.runtime.window import default_window
 from fastmm.kv_cache import KVCache
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done, total)
@@ -38,6 +39,7 @@ class GeneratedImages:
     vq_decode_s: float  # tokens -> pixels
     cuda_graph: bool  # whether the decode step ran as a replayed CUDA graph
     decoder_passes: int | None = None  # with parallel=Jacobi(...): decoder passes after the first token
+    window: int | None = None  # with parallel=Jacobi(...): the window used (the resolved one for "auto")
 
     @property
     def ms_per_token(self) -> float:
@@ -187,7 +189,9 @@ def generate_image(
             sequential path).
         parallel: Jacobi(window=W, init="random" | "copy") decodes by speculative Jacobi decoding: W draft tokens
             verified per decoder pass and image, lossless (the same tokens at temperature 0, the same
-            distribution otherwise; fastmm.runtime.jacobi). Runs eagerly, without a CUDA graph.
+            distribution otherwise; fastmm.runtime.jacobi). window="auto" (the default) fills the decoder's
+            rows up to the device's roofline crossover (fastmm.runtime.window). Runs eagerly, without a CUDA
+            graph.
 
     Returns:
         GeneratedImages with tokens [num_images, num_image_tokens], pixels and the timings.
@@ -195,6 +199,12 @@ def generate_image(
     if parallel is not None and not isinstance(parallel, Jacobi):
         raise ValueError(f"generate_image: parallel must be None or a fastmm.runtime.Jacobi, got {parallel!r}")
     start = time.perf_counter()
+    if parallel is not None and parallel.window == "auto" and model.config.image_gen is not None:
+        _check_sampling(cfg_scale, temperature, top_k, top_p, num_images, seed)  # before num_images is used
+        table = model.generation_table
+        rows_per_slot = (2 if cfg_scale != 1 else 1) * num_images
+        window = default_window(table.device, table.dtype, rows_per_slot, model.config.image_gen.num_image_tokens - 1)
+        parallel = dataclasses.replace(parallel, window=window)
     margin = 0 if parallel is None else parallel.window
     step = start_image_generation(model, prompt_ids, cfg_scale, temperature, top_k, top_p, seed, num_images, margin)
     device, total = step.tokens.device, step.tokens.shape[1]
@@ -210,7 +220,7 @@ def generate_image(
         _synchronize(device)
         return GeneratedImages(tokens=step.tokens, pixels=pixels, time_to_first_token_s=first - start, capture_s=0.0,
                                decode_s=decoded - first, vq_decode_s=time.perf_counter() - decoded, cuda_graph=False,
-                               decoder_passes=passes)  # fmt: skip
+                               decoder_passes=passes, window=parallel.window)  # fmt: skip
 
     graph = None
     if use_cuda_graph and device.type == "cuda":

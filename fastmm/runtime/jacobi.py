@@ -25,14 +25,17 @@ INITS = ("random", "copy")
 
 @dataclasses.dataclass(frozen=True)
 class Jacobi:
-    """generate_image(..., parallel=Jacobi(window=W)): W draft tokens verified per decoder pass per image."""
+    """generate_image(..., parallel=Jacobi(window=W)): W draft tokens verified per decoder pass per image.
+    window="auto" takes the device's roofline crossover (fastmm.runtime.window); GeneratedImages.window reports
+    the window used."""
 
-    window: int = 8
+    window: int | str = "auto"
     init: str = "random"
 
     def __post_init__(self):
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-            raise ValueError(f"Jacobi: window must be an int >= 1, got {self.window!r}")
+        auto = self.window == "auto"
+        if not auto and (not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1):
+            raise ValueError(f"Jacobi: window must be an int >= 1 or 'auto', got {self.window!r}")
         if self.init not in INITS:
             raise ValueError(f"Jacobi: init must be one of {INITS}, got {self.init!r}")
 
@@ -40,7 +43,8 @@ class Jacobi:
 @torch.no_grad()
 def jacobi_decode(step, parallel: Jacobi) -> int:
     """Fill step.tokens (an ImageDecodeStep after its first token, its cache with ``window`` spare positions past
-    the image) by SJD. Returns the number of decoder passes."""
+    the image) by SJD; parallel.window is an int here (generate_image resolves "auto"). Returns the number of
+    decoder passes."""
     model, cache, tokens = step.model, step.cache, step.tokens
     N, T = tokens.shape
     W, G = parallel.window, step.groups

@@ -47,7 +47,8 @@ class Case:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A goal for the fastmm provider, written in the report with the measured value (never asserted)."""
+    """A goal for a fastmm provider (``provider``, "fastmm" unless set), written in the report with the measured
+    value (never asserted)."""
 
     op: str
     where: dict[str, int]  # the shape entries of the rows it applies to
@@ -57,6 +58,7 @@ class Target:
     goal: float  # reached when the metric is >= goal (for memory_pct: <= goal)
     backend: str  # fastmm backend the goal is set for (a native CPU goal says nothing of triton)
     dtype: str | None = None  # the one dtype name ("float32") the goal is set for; None: every dtype run
+    provider: str = "fastmm"  # the provider whose rows the goal is for
 
     @property
     def lower_is_better(self) -> bool:
@@ -71,7 +73,8 @@ class Target:
         else:
             what = f">= {self.goal:g}x {baseline}"
         dtype = f" {self.dtype}" if self.dtype else ""
-        return f"{self.op} {shape_label(self.where)}{dtype} ({self.backend}): {what}"
+        who = "" if self.provider == "fastmm" else f" {self.provider}"
+        return f"{self.op} {shape_label(self.where)}{dtype} ({self.backend}){who}: {what}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ PROMPT = [presets.BOS, 10, 11, 12, 13, 14, presets.BOI]
 CFG_SCALE = 5.0
 QUICK_TOKENS = 16  # --quick: a short token loop on the tiny model (no pixels: the decoder needs 576 tokens)
 JACOBI = Jacobi(window=8, init="copy")  # fastmm_sjd's setting
+JACOBI_AUTO = Jacobi(init="copy")  # fastmm_sjd_auto's: the default window
 SAMPLED = "image_tokens_sampled"  # Janus's default sampling: temperature 1, cfg 5
 
 
@@ -101,7 +102,7 @@ def e2e_cases(preset: str, dtype: torch.dtype, device: torch.device, tokens: int
             def run() -> torch.Tensor:
                 result = generate_image(model, PROMPT, CFG_SCALE, temperature=temperature, seed=0,
                                         use_cuda_graph=use_graph, decode_pixels=pixels, parallel=parallel)  # fmt: skip
-                run.passes = result.decoder_passes
+                run.passes, run.window = result.decoder_passes, result.window
                 return result.pixels if pixels else result.tokens
 
             return run
@@ -110,11 +111,13 @@ def e2e_cases(preset: str, dtype: torch.dtype, device: torch.device, tokens: int
         if device.type == "cuda" and kind != "time_to_first_token":
             found.append(Provider("fastmm_no_graph", ours(False), graph_safe=False, note="no CUDA graph"))
         if kind in ("image_tokens", SAMPLED):
-            sjd = ours(False, JACOBI)
-            sjd()  # one run for the acceptance statistics of the note (the same seed: the same run as timed)
-            note = (f"window {JACOBI.window} ({JACOBI.init}): {sjd.passes} decoder passes, "
-                    f"{(tokens - 1) / sjd.passes:.2f} tokens per pass")  # fmt: skip
-            found.append(Provider("fastmm_sjd", sjd, same_result=kind != SAMPLED, graph_safe=False, note=note))
+            for name, parallel in (("fastmm_sjd", JACOBI), ("fastmm_sjd_auto", JACOBI_AUTO)):
+                sjd = ours(False, parallel)
+                sjd()  # one run for the acceptance statistics of the note (the same seed: the same run as timed)
+                note = (f"window {sjd.window} ({parallel.init}): {sjd.passes} decoder passes, "
+                        f"{(tokens - 1) / sjd.passes:.2f} tokens per pass")  # fmt: skip
+                found.append(Provider(name, sjd, same_result=kind != SAMPLED, graph_safe=False, note=note,
+                                      backend=backend))  # fmt: skip
         if hf is not None:
             count = 1 if kind == "time_to_first_token" else tokens
             sample = kind == SAMPLED
@@ -140,8 +143,10 @@ PROVIDERS = {
     "step is a replayed CUDA graph; the backend of fastmm's ops is shown next to it",
     "fastmm_no_graph": "the same without the CUDA graph (CUDA only)",
     "fastmm_sjd": "generate_image(parallel=Jacobi(window=8, init='copy')): speculative Jacobi decoding, lossless "
-    "(greedy: the same tokens); windows run through the Python layers (no native multi-token layer yet); the note "
+    "(greedy: the same tokens); on the CPU each window runs through the native multi-token decode layer; the note "
     "gives the decoder passes and tokens per pass",
+    "fastmm_sjd_auto": "the same with the default window=\"auto\" (the device's roofline crossover; the note gives the "
+    "window chosen)",
     "transformers": "JanusForConditionalGeneration.generate(generation_mode='image', do_sample=False, "
     "guidance_scale=5) on the same checkpoint (+ decode_image_tokens for image_total)",
 }
@@ -155,6 +160,9 @@ _ONE_B = {"layers": 24, "hidden": 2048, "tokens": 576}
     providers=PROVIDERS,
     targets=(
         Target("image_tokens", _SMALL, "speedup:transformers", 10, "native", dtype="float32"),
+        Target("image_tokens", _SMALL, "speedup:transformers", 10, "native", dtype="float32", provider="fastmm_sjd"),
+        Target(SAMPLED, _SMALL, "speedup:fastmm", 1.5, "native", provider="fastmm_sjd"),
+        Target("time_to_first_token", _SMALL, "speedup:transformers", 2, "native", dtype="bfloat16"),
         Target("image_tokens", _ONE_B, "pct_of_peak", 75, "triton", dtype="bfloat16"),
         Target("image_tokens", _ONE_B, "speedup:fastmm_no_graph", 3, "triton", dtype="bfloat16"),
     ),
