@@ -19,6 +19,7 @@ import fastmm
 from fastmm.models import UnifiedModel, presets
 from fastmm.reference import sampling as ref
 from fastmm.runtime import Jacobi, generate_image
+from fastmm.runtime import jacobi as jacobi_module
 from fastmm.runtime import window as window_module
 
 PROMPT = [presets.BOS, 10, 11, 12, 13, 14, presets.BOI]
@@ -161,6 +162,40 @@ def test_images_advance_at_their_own_pace(model40, monkeypatch):
     done_at = [int(torch.nonzero(per_image[:, b].cumsum(0) == 39)[0]) for b in range(2)]
     assert out.decoder_passes == max(done_at) + 1 == len(counts)
     assert ((out.tokens >= 0) & (out.tokens < model40.config.image_gen.codebook_size)).all()
+
+
+def test_passes_after_the_last_image_change_nothing(model40, monkeypatch):
+    """The loop reads "all done?" only every few passes on CUDA: passes run after an image (or all) finished
+    leave tokens, pass count and cache as they were. Checked on the CPU by reading every 3 passes."""
+    def run():
+        return generate_image(model40, PROMPT, cfg_scale=2.0, temperature=1.0, num_images=2, seed=3,
+                              decode_pixels=False, parallel=Jacobi(6, "copy"))  # fmt: skip
+
+    expected = run()
+    monkeypatch.setitem(jacobi_module.CHECK_EVERY, "cpu", 3)
+    got = run()
+    assert torch.equal(got.tokens, expected.tokens) and got.decoder_passes == expected.decoder_passes
+
+
+def test_progress_on_the_parallel_path(model40):
+    calls = []
+    generate_image(model40, PROMPT, temperature=0.0, decode_pixels=False, parallel=Jacobi(4, "copy"),
+                   progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    done = [d for d, _ in calls]
+    assert calls[0] == (1, 40) and calls[-1] == (40, 40) and done == sorted(done) and len(calls) > 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_iteration_equals_eager():
+    """On CUDA the iteration is captured once and replayed: the same tokens and passes as eager passes."""
+    model = tiny_model(40).cuda()
+    model.refresh_generation_table()
+    kwargs = dict(cfg_scale=2.0, temperature=1.0, num_images=2, seed=3, decode_pixels=False,
+                  parallel=Jacobi(6, "copy"))  # fmt: skip
+    eager = generate_image(model, PROMPT, use_cuda_graph=False, **kwargs)
+    graphed = generate_image(model, PROMPT, use_cuda_graph=True, **kwargs)
+    assert graphed.cuda_graph and not eager.cuda_graph
+    assert torch.equal(graphed.tokens, eager.tokens) and graphed.decoder_passes == eager.decoder_passes
 
 
 # -------------------------------------------------------------------------------------------------- the op

@@ -185,13 +185,13 @@ def generate_image(
         seed: the sampling seed (None: drawn from torch's default generator); equal seeds give equal images.
         use_cuda_graph: on CUDA, capture the decode step once and replay it per token.
         decode_pixels: also run the VQ tokenizer's decoder.
-        progress: called as progress(tokens done, total) after each token (after the first, only on the
-            sequential path).
+        progress: called as progress(tokens done, total) after each token (with ``parallel``: at each check of
+            the loop, with the least advanced image's count).
         parallel: Jacobi(window=W, init="random" | "copy") decodes by speculative Jacobi decoding: W draft tokens
             verified per decoder pass and image, lossless (the same tokens at temperature 0, the same
             distribution otherwise; fastmm.runtime.jacobi). window="auto" (the default) fills the decoder's
-            rows up to the device's roofline crossover (fastmm.runtime.window). Runs eagerly, without a CUDA
-            graph.
+            rows up to the device's roofline crossover (fastmm.runtime.window). On CUDA with use_cuda_graph one
+            iteration is captured and replayed, the host reading "all done?" every few passes.
 
     Returns:
         GeneratedImages with tokens [num_images, num_image_tokens], pixels and the timings.
@@ -213,13 +213,13 @@ def generate_image(
     if progress is not None:
         progress(1, total)
     if parallel is not None:
-        passes = jacobi_decode(step, parallel)
+        passes, graphed = jacobi_decode(step, parallel, use_cuda_graph, progress)
         _synchronize(device)
         decoded = time.perf_counter()
         pixels = model.decode_image_tokens(step.tokens) if decode_pixels else None
         _synchronize(device)
         return GeneratedImages(tokens=step.tokens, pixels=pixels, time_to_first_token_s=first - start, capture_s=0.0,
-                               decode_s=decoded - first, vq_decode_s=time.perf_counter() - decoded, cuda_graph=False,
+                               decode_s=decoded - first, vq_decode_s=time.perf_counter() - decoded, cuda_graph=graphed,
                                decoder_passes=passes, window=parallel.window)  # fmt: skip
 
     graph = None
