@@ -132,6 +132,51 @@ def test_greedy_ties_nan_and_infinities(backend, device):
     assert ids[0] != 0 and ids[1:].tolist() == [0, 0, 9]
 
 
+def _triton_device():
+    """CUDA when present, else CPU tensors through the interpreter; skips where triton cannot run."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ok, reason = fastmm.backend.backend_status("triton", torch.device(device))
+    if not ok:
+        pytest.skip(reason)
+    return device
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "race"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_vocabulary_draws_the_reference_ids(groups, temperature, dtype):
+    """The split kernel (chunks of whole tiles per program, then a merge) draws the reference's ids: allowed
+    ranges that do not start or end on a tile, a last chunk shorter than the others, more splits asked for than
+    tiles, ties across chunks (the lowest id), NaN, an all -inf row (lo) and +inf."""
+    from fastmm.triton.sampling import cfg_sample_fwd
+
+    device = _triton_device()
+    logits = _logits(groups, 6, 3000, spread=3.0)
+    logits[0, [2500, 1100, 40]] = 50.0  # a tie across chunks (greedy: 40; allowed from 100: 1100)
+    logits[1, :] = float("-inf")
+    logits[2, 2000] = float("inf")
+    logits[3, :1500] = float("nan")
+    logits = logits.to(dtype).to(device)
+    scales = SCALES[groups]
+    offset = torch.tensor([4], device=device)
+    for (lo, hi), splits in (((0, 3000), 3), ((100, 2901), 2), ((5, 1030), 64)):
+        ids = cfg_sample_fwd(logits, scales, temperature, 0, 1.0, lo, hi, False, 7, offset, None, splits=splits)
+        expected = ref.cfg_sample_fwd(logits.cpu(), scales, temperature, 0, 1.0, lo, hi, False, 7, offset.cpu(), None)
+        assert ids.tolist() == expected.tolist(), f"allowed [{lo}, {hi}), splits {splits}"
+
+
+def test_split_vocabulary_refuses_whole_row_statistics():
+    from fastmm.triton.sampling import _vocab_splits, cfg_sample_fwd
+
+    device = _triton_device()
+    logits = _logits(2, 1, 3000).to(device)
+    for options in ((1.0, 0, 0.9, False), (1.0, 10, 1.0, False), (1.0, 0, 1.0, True)):
+        temperature, top_k, top_p, log_softmax = options
+        with pytest.raises(ValueError, match="splits > 1 needs raw logits without top-k / top-p"):
+            cfg_sample_fwd(logits, (5.0,), temperature, top_k, top_p, 0, 3000, log_softmax, 0, None, None, splits=2)
+    assert _vocab_splits(torch.device("cpu"), 1, 16384) == 1  # the interpreter runs one program per row
+
+
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_top_k_1_is_greedy(backend, device):
     logits = _logits(2, 4, 1000, device=device, seed=4)

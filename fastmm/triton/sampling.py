@@ -1,6 +1,8 @@
 """Triton kernel of the `sampling` family: fused classifier-free-guidance sampling of image tokens.
 
-One program per output row mixes the row's G groups of logits, divides by the temperature, keeps top-k then
+Where the draw needs no statistic of the whole row (raw-logit guidance, no top-k / top-p) the row's ids are
+split over several programs and their bests merged (_cfg_sample_split_kernel, below); otherwise one program
+per output row mixes the row's G groups of logits, divides by the temperature, keeps top-k then
 top-p, and draws by an exponential race, argmax (s - log E) over the kept ids. Semantics, tie rules and the RNG
 (the same E for the same seed, offset, row and id in every backend): ``fastmm.reference.sampling``.
 
@@ -304,6 +306,72 @@ def _cfg_sample_kernel(
     tl.store(OUT + row, best_id.to(tl.int64))
 
 
+# Split vocabulary. One program per row leaves most of a GPU idle at decode batch sizes (B = 1: one program
+# walks all 16384+ ids while the other SMs wait). Where the draw needs no statistic of the whole row (raw-logit
+# guidance, no top-k / top-p: Janus's and LlamaGen's defaults), each row's allowed ids are cut into chunks, one
+# program per (row, chunk) finds the chunk's best (argmax, or the race winner: the noise of an id does not depend
+# on the chunk), and a merge takes the best over the chunks, the lowest id on ties, as the one-program scan does.
+@triton.jit(do_not_specialize=["B", "lo", "hi", "chunk", "splits", "seed"])
+def _cfg_sample_split_kernel(
+    LOGITS,  # [G*B, V] logits, unit stride along V
+    OFFSET,  # [1] int64 RNG offset (the decode step), read here
+    PART_VALUE,  # [B, splits] fp32 out: each chunk's best score (greedy) or race value
+    PART_ID,  # [B, splits] int64 out: the id that holds it
+    B,
+    V,
+    stride_row,
+    lo,  # allowed ids: [lo, hi), chunk c holds [lo + c chunk, lo + (c + 1) chunk)
+    hi,
+    chunk,
+    splits,
+    scale0,
+    scale1,
+    temperature,  # 0: greedy
+    seed,  # int32 bit pattern of the uint32 seed
+    G: tl.constexpr,  # groups: 1, 2 or 3
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    ROW = LOGITS + row.to(tl.int64) * stride_row
+    group_stride = B.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    zero = tl.zeros((), tl.float32)
+    stats = (zero, zero, zero, zero, zero, zero)  # raw logits: no log_softmax statistics
+    first = lo + split * chunk
+    last = tl.minimum(first + chunk, hi)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_id = first
+    if temperature == 0.0:
+        for start in range(first, last, BLOCK_V):
+            ids = start + cols
+            z = _scores(ROW, group_stride, ids, ids < last, stats, scale0, scale1, 1.0, G)
+            best, best_id = _argmax_update(best, best_id, z, ids, last)
+    else:
+        key1, key2 = _row_keys(seed, tl.load(OFFSET), row)
+        for start in range(first, last, BLOCK_V):
+            ids = start + cols
+            mask = ids < last
+            s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
+            race = tl.where(mask, s + _race_noise(ids, key1, key2), float("-inf"))
+            best, best_id = _argmax_update(best, best_id, race, ids, last)
+    tl.store(PART_VALUE + row * splits + split, best)
+    tl.store(PART_ID + row * splits + split, best_id.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["splits"])
+def _cfg_sample_merge_kernel(PART_VALUE, PART_ID, OUT, splits, BLOCK_S: tl.constexpr):
+    """OUT[row] = the id of the best chunk value, the lowest id on ties (chunks hold increasing ids)."""
+    row = tl.program_id(0)
+    idx = tl.arange(0, BLOCK_S)
+    mask = idx < splits
+    values = tl.load(PART_VALUE + row * splits + idx, mask=mask, other=float("-inf"))
+    ids = tl.load(PART_ID + row * splits + idx, mask=mask, other=0)
+    best = tl.max(values, axis=0)
+    first = tl.min(tl.where(mask & (values == best), idx, BLOCK_S), axis=0)
+    tl.store(OUT + row, tl.sum(tl.where(idx == first, ids, 0), axis=0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------
@@ -313,6 +381,21 @@ def _cfg_sample_kernel(
 _BLOCK_V = 1024
 _NUM_WARPS = 8
 _INT32_PATTERN = 1 << 32
+_MERGE_WARPS = 1
+_MAX_SPLITS = 128  # chunks per row: the merge reads them in one tile
+
+
+def _vocab_splits(device: torch.device, rows: int, n: int) -> int:
+    """Chunks per row for the split kernel: about two programs per SM over all rows, whole tiles per chunk, at
+    most _MAX_SPLITS. 1 without a GPU (the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(_MAX_SPLITS, triton.cdiv(n, _BLOCK_V), triton.cdiv(programs, rows)))
+
+
+def _merge_block(splits: int) -> int:
+    return max(16, triton.next_power_of_2(splits))
 
 
 def cfg_sample_fwd(
@@ -327,13 +410,15 @@ def cfg_sample_fwd(
     seed: int,
     offset: torch.Tensor | None,
     out: torch.Tensor | None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Guided sample of one id per row: fastmm.reference.sampling.cfg_sample_fwd's semantics and RNG.
 
     logits [G*B, V] fp32 / fp16 / bf16, G = len(scales) + 1, unit stride along V; 0 <= lo < hi <= V;
     temperature >= 0 (0: greedy); top_k >= 0 (0: off); top_p in (0, 1] (1: off); seed in [0, 2^32); offset
-    None (step 0) or int64 [1] on logits' device, read by the kernel; out None or int64 [B] to write.
-    Returns ids [B] int64 in [lo, hi).
+    None (step 0) or int64 [1] on logits' device, read by the kernel; out None or int64 [B] to write; splits:
+    programs per row over the allowed ids (None: enough to fill the GPU where the draw allows a split, see
+    _vocab_splits; 1 on CPU tensors, the interpreter). Returns ids [B] int64 in [lo, hi).
     """
     G = len(scales) + 1
     B, V = logits.shape[0] // G, logits.shape[1]
@@ -343,6 +428,25 @@ def cfg_sample_fwd(
         offset = torch.zeros(1, dtype=torch.int64, device=logits.device)
     scale0, scale1 = (*map(float, scales), 0.0, 0.0)[:2]
     seed_bits = seed - _INT32_PATTERN if seed >= _INT32_PATTERN // 2 else seed
+    whole_row = log_softmax or 0 < top_k < hi - lo or top_p < 1.0  # the draw needs statistics of the whole row
+    if splits is None:
+        splits = 1 if whole_row else _vocab_splits(logits.device, B, hi - lo)
+    if splits > 1:
+        if whole_row:
+            raise ValueError("cfg_sample_fwd: splits > 1 needs raw logits without top-k / top-p")
+        chunk = triton.cdiv(triton.cdiv(hi - lo, splits), _BLOCK_V) * _BLOCK_V  # whole tiles per chunk
+        splits = triton.cdiv(hi - lo, chunk)
+    if splits > 1:
+        part_value = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
+        part_id = torch.empty(B, splits, dtype=torch.int64, device=logits.device)
+        _cfg_sample_split_kernel[(B, splits)](
+            logits, offset, part_value, part_id, B, V, logits.stride(0), lo, hi, chunk, splits, scale0, scale1,
+            float(temperature), seed_bits, G=G, BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        _cfg_sample_merge_kernel[(B,)](part_value, part_id, out, splits, BLOCK_S=_merge_block(splits),
+                                   num_warps=_MERGE_WARPS, num_stages=1)  # fmt: skip
+        return out
     _cfg_sample_kernel[(B,)](
         logits, offset, out, B, V, logits.stride(0), lo, hi, scale0, scale1, float(temperature), top_k,
         float(top_p), int(log_softmax), seed_bits, G=G, BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1,
@@ -371,6 +475,30 @@ def _aot_config(dtype: str, groups: int) -> AotConfig:
 register_aot(
     _cfg_sample_kernel, [_aot_config(dtype, groups) for dtype in TRITON_DTYPE.values() for groups in (1, 2, 3)]
 )
+
+
+def _split_aot_config(dtype: str, groups: int) -> AotConfig:
+    """The split kernel's launch (as _aot_config)."""
+    constexprs = {"G": groups, "BLOCK_V": _BLOCK_V}
+    pointers = {"LOGITS": f"*{dtype}", "OFFSET": "*i64", "PART_VALUE": "*fp32", "PART_ID": "*i64"}
+    floats = ("scale0", "scale1", "temperature")
+    signature = aot_signature(_cfg_sample_split_kernel, pointers, constexprs, floats=floats)
+    return AotConfig(f"{dtype} G={groups} BLOCK_V={_BLOCK_V}", signature, constexprs, _NUM_WARPS, 1,
+                     ("V", "stride_row", "chunk"))  # fmt: skip
+
+
+def _merge_aot_config(block_s: int) -> AotConfig:
+    constexprs = {"BLOCK_S": block_s}
+    pointers = {"PART_VALUE": "*fp32", "PART_ID": "*i64", "OUT": "*i64"}
+    signature = aot_signature(_cfg_sample_merge_kernel, pointers, constexprs)
+    return AotConfig(f"BLOCK_S={block_s}", signature, constexprs, _MERGE_WARPS, 1, ())
+
+
+register_aot(
+    _cfg_sample_split_kernel,
+    [_split_aot_config(dtype, groups) for dtype in TRITON_DTYPE.values() for groups in (1, 2, 3)],
+)
+register_aot(_cfg_sample_merge_kernel, [_merge_aot_config(block_s) for block_s in (16, _MAX_SPLITS)])
 
 
 # ----------------------------------------------------------------------------------------------------

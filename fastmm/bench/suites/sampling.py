@@ -6,6 +6,10 @@ the logits once and writes B ids, so `bytes` counts the logits and the row is he
 Baseline: `torch`, the step as generation loops write it in eager PyTorch (transformers' guidance processor
 arithmetic, a sort for top-p, torch.multinomial) on the same logits. Both sample, with different random streams,
 so their ids are not compared.
+
+Also `jacobi_verify`, the verification of one window of speculative Jacobi decoding (W = 8, one image, 16384
+codes), against the rule's reference formulation in eager PyTorch (the same random numbers: the new tokens
+are compared).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import fastmm
 from fastmm.backend import choose_backend
 from fastmm.bench.suites import Case, Provider, register_suite
+from fastmm.reference.sampling import jacobi_verify_fwd as reference_verify
 
 VOCAB = 16384
 BATCHES = (1, 16)
@@ -61,16 +66,57 @@ def sampling_case(batch: int, vocab: int, dtype: torch.dtype, device: torch.devi
     )
 
 
+WINDOW = 8  # the SJD window of the e2e suite's fastmm_sjd
+
+
+def verify_case(images: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Case:
+    """jacobi_verify over one SJD window: [2 N, W, V] guided logits at temperature 1, drafts half taken from the
+    logits' own argmax (long accepted runs) and half random, their q one-hot ("copy" drafts)."""
+    size = torch.finfo(dtype).bits // 8
+
+    def setup() -> list[Provider]:
+        generator = torch.Generator().manual_seed(images + vocab)
+        logits = (torch.randn(2 * images, WINDOW, vocab, generator=generator) * 3).to(device, dtype)
+        random_drafts = torch.randint(0, vocab, (images, WINDOW), generator=generator).to(device)
+        drafts = torch.where(torch.arange(WINDOW, device=device) < WINDOW // 2, logits[:images].argmax(-1),
+                             random_drafts)  # fmt: skip
+        probs = torch.nn.functional.one_hot(drafts, vocab).float()
+        start = torch.ones(images, dtype=torch.int64, device=device)
+        kwargs = dict(scales=(SCALE,), temperature=1.0, seed=1)
+
+        def eager():  # the new tokens
+            return reference_verify(logits, drafts, probs, start, 10**6, (SCALE,), 1.0, 0, 1.0, 0, vocab, False, 1)[1]
+
+        return [
+            Provider("fastmm", lambda: fastmm.ops.jacobi_verify(logits, drafts, probs, start, 10**6, **kwargs)[1],
+                     backend=choose_backend("jacobi_verify", device)),  # fmt: skip
+            Provider("torch", eager, graph_safe=False, note="fastmm.reference's eager PyTorch of the same rule"),
+        ]
+
+    return Case(
+        op="jacobi_verify",
+        shape={"N": images, "W": WINDOW, "V": vocab},
+        dtype=dtype,
+        bytes=2 * images * WINDOW * vocab * size + 2 * images * WINDOW * vocab * 4,  # logits, q in and p out
+        flops=0,
+        bound="memory",
+        setup=setup,
+        decode_size=True,
+    )
+
+
 @register_suite(
     "sampling",
     description=__doc__.split("\n\n", 1)[1].strip(),
     providers={
-        "fastmm": "fastmm.ops.cfg_sample (the backend that ran is shown next to it)",
-        "torch": "the same step in eager PyTorch: guidance, sort-based top-p, torch.multinomial",
+        "fastmm": "fastmm.ops.cfg_sample / fastmm.ops.jacobi_verify (the backend that ran is shown next to it)",
+        "torch": "the same step in eager PyTorch: for cfg_sample guidance, sort-based top-p, torch.multinomial; "
+        "for jacobi_verify fastmm.reference's formulation of the rule",
     },
 )
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
-        return [sampling_case(1, 512, torch.float32, device)]
-    return [sampling_case(batch, VOCAB, dtype, device) for dtype in (torch.float32, torch.bfloat16)
-            for batch in BATCHES]  # fmt: skip
+        return [sampling_case(1, 512, torch.float32, device), verify_case(1, 512, torch.float32, device)]
+    found = [sampling_case(batch, VOCAB, dtype, device) for dtype in (torch.float32, torch.bfloat16)
+             for batch in BATCHES]  # fmt: skip
+    return found + [verify_case(1, VOCAB, dtype, device) for dtype in (torch.float32, torch.bfloat16)]
