@@ -46,19 +46,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // ---- lanes ------------------------------------------------------------------------------------------------
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// GCC 12's intrinsic headers trip -W(maybe-)uninitialized on their own _mm512_undefined_ps (GCC bug 105593).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-// 2^x: x = n + f with n an integer and |f| <= 1/2, 2^f by a degree-6 polynomial (relative error 2e-9, so the
-// result is within about 1 ulp), times 2^n by vscalefps. Below -150 every result rounds to 0; clamping there
-// turns -inf (a masked score) into 0 instead of NaN. vmaxps returns its second operand when one is NaN, so a
-// NaN stays NaN.
-inline f32x16 exp2_lanes(f32x16 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
-  const f32x16 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const f32x16 f = x - whole;
+// 2^f for |f| <= 1/2 by a degree-6 polynomial (relative error 2e-9): the part of 2^x both builds share.
+inline f32x16 exp2_fraction(f32x16 f) {
   f32x16 p = splat(0x1.41a6fep-13f);
   p = fma_lanes(p, f, splat(0x1.5f44f0p-10f));
   p = fma_lanes(p, f, splat(0x1.3b2dfep-7f));
@@ -66,7 +55,22 @@ inline f32x16 exp2_lanes(f32x16 x) {
   p = fma_lanes(p, f, splat(0x1.ebfbdap-3f));
   p = fma_lanes(p, f, splat(0x1.62e430p-1f));
   p = fma_lanes(p, f, splat(1.f));
-  return _mm512_scalef_ps(p, whole);
+  return p;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// GCC 12's intrinsic headers trip -W(maybe-)uninitialized on their own _mm512_undefined_ps (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// 2^x: x = n + f with n an integer and |f| <= 1/2, 2^f by exp2_fraction (so the result is within about 1 ulp),
+// times 2^n by vscalefps. Below -150 every result rounds to 0; clamping there
+// turns -inf (a masked score) into 0 instead of NaN. vmaxps returns its second operand when one is NaN, so a
+// NaN stays NaN.
+inline f32x16 exp2_lanes(f32x16 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
+  const f32x16 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_fraction(x - whole), whole);
 }
 
 // out[j] = sum of the lanes of v[j]: four rounds of shuffles that each halve the partial sums per vector
@@ -101,14 +105,7 @@ inline f32x16 exp2_lanes(f32x16 x) {
   x = x > 128.f ? splat(128.f) : x;
   const f32x16 round_bias = splat(0x1.8p23f);  // adding and subtracting it rounds to the nearest integer
   const f32x16 whole = (x + round_bias) - round_bias;
-  const f32x16 f = x - whole;
-  f32x16 p = splat(0x1.41a6fep-13f);
-  p = fma_lanes(p, f, splat(0x1.5f44f0p-10f));
-  p = fma_lanes(p, f, splat(0x1.3b2dfep-7f));
-  p = fma_lanes(p, f, splat(0x1.c6aed6p-5f));
-  p = fma_lanes(p, f, splat(0x1.ebfbdap-3f));
-  p = fma_lanes(p, f, splat(0x1.62e430p-1f));
-  p = fma_lanes(p, f, splat(1.f));
+  const f32x16 p = exp2_fraction(x - whole);
   const i32x16 n = __builtin_convertvector(x == x ? whole : f32x16{}, i32x16);
   const i32x16 half = n >> 1;
   const auto power = [](i32x16 e) { return reinterpret_cast<f32x16>((e + 127) << 23); };
