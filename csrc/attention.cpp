@@ -113,34 +113,13 @@ inline f32x16 exp2_lanes(f32x16 x) {
 }
 
 #if defined(__AVX__)
-// out[j] = sum of the lanes of v[j], on 8-lane registers: each vector's two halves added, then for each group
-// of 8 vectors two rounds of horizontal adds and one swap of 128-bit halves.
-inline __m256 transpose_sum8(const __m256 (&h)[8]) {
+// out[j] = sum of the lanes of h[j] for 8 vectors of 8 lanes: two rounds of horizontal adds and one swap of
+// 128-bit halves.
+inline Lanes transpose_sum8(const Lanes (&h)[8]) {
   const __m256 pairs0 = _mm256_hadd_ps(h[0], h[1]), pairs1 = _mm256_hadd_ps(h[2], h[3]);
   const __m256 pairs2 = _mm256_hadd_ps(h[4], h[5]), pairs3 = _mm256_hadd_ps(h[6], h[7]);
   const __m256 low = _mm256_hadd_ps(pairs0, pairs1), high = _mm256_hadd_ps(pairs2, pairs3);
   return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
-}
-
-inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
-  __m256 first[8], second[8];
-  for (int i = 0; i < 8; ++i) {
-    __m256 halves[2][2];
-    std::memcpy(halves[0], &v[i], sizeof(v[i]));
-    std::memcpy(halves[1], &v[8 + i], sizeof(v[i]));
-    first[i] = _mm256_add_ps(halves[0][0], halves[0][1]);
-    second[i] = _mm256_add_ps(halves[1][0], halves[1][1]);
-  }
-  const __m256 sums[2] = {transpose_sum8(first), transpose_sum8(second)};
-  f32x16 out;
-  std::memcpy(&out, sums, sizeof(out));
-  return out;
-}
-#else
-inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
-  f32x16 out;
-  for (int j = 0; j < kBlock; ++j) out[j] = lane_sum(v[j]);
-  return out;
 }
 #endif
 #endif
@@ -595,40 +574,38 @@ void accumulate_values(f32x16* out, float rescale, const float* p, const T* v, i
 constexpr int64_t kValueBlocks = 8;
 #else
 // The same with native-width Lanes (AVX2: 8 lanes). GCC 12 keeps an f32x16 that a loop carries in memory
-// there and moves it through general registers at every update (lanes.h), which made these two loops, the
-// whole of decode attention's arithmetic, many times slower than the registers allow.
+// there and moves it through general registers at every update (lanes.h), which made these loops, the whole of
+// decode attention's arithmetic, many times slower than the registers allow. Scores take 8 keys at a time:
+// each query block loaded once feeds 8 independent chains of FMAs (one key per chain, so the FMA latency is
+// hidden), and one transpose-sum gives the 8 scores.
+// out[j] = the scores of query against keys j < 8 (rows of k at stride dim).
 template <typename T>
-Lanes dot_lanes(const float* q, const T* key, int64_t dim) {
-  Lanes even = {}, odd = {};
+void key_block_scores(const float* query, const T* k, int64_t dim, float* out) {
+  Lanes acc[8] = {};
   int64_t c = 0;
-  for (; c + 2 * kLanes <= dim; c += 2 * kLanes) {
-    even = fma_lanes(load_lanes(q + c), load_lanes(key + c), even);
-    odd = fma_lanes(load_lanes(q + c + kLanes), load_lanes(key + c + kLanes), odd);
+  for (; c + kLanes <= dim; c += kLanes) {
+    const Lanes qv = load_lanes(query + c);
+    for (int j = 0; j < 8; ++j) acc[j] = fma_lanes(qv, load_lanes(k + j * dim + c), acc[j]);
   }
-  if (c + kLanes <= dim) {
-    even = fma_lanes(load_lanes(q + c), load_lanes(key + c), even);
-    c += kLanes;
+  if (c < dim) {
+    const Lanes qv = load_lanes(query + c);  // the query is zero-padded to whole 16-lane blocks
+    for (int j = 0; j < 8; ++j) acc[j] = fma_lanes(qv, load_lanes(k + j * dim + c, dim - c), acc[j]);
   }
-  if (c < dim) odd = fma_lanes(load_lanes(q + c), load_lanes(key + c, dim - c), odd);
-  return even + odd;
+#if defined(__AVX__)
+  store_lanes(out, transpose_sum8(acc));
+#else
+  for (int j = 0; j < 8; ++j) out[j] = lanes_sum(acc[j]);
+#endif
 }
 
 template <typename T>
 f32x16 key_scores(const f32x16* q, const T* k, int64_t dim) {
-  const float* query = reinterpret_cast<const float*>(q);  // zero-padded to whole 16-lane blocks
-  f32x16 scores;
-#if defined(__AVX__)
-  __m256 halves[2];
-  for (int half = 0; half < 2; ++half) {
-    __m256 partials[8];
-    for (int j = 0; j < 8; ++j) partials[j] = dot_lanes(query, k + (8 * half + j) * dim, dim);
-    halves[half] = transpose_sum8(partials);
-  }
-  std::memcpy(&scores, halves, sizeof(scores));
-#else
-  for (int j = 0; j < kBlock; ++j) scores[j] = lanes_sum(dot_lanes(query, k + j * dim, dim));
-#endif
-  return scores;
+  const float* query = reinterpret_cast<const float*>(q);
+  float scores[kBlock];
+  for (int group = 0; group < kBlock / 8; ++group) key_block_scores(query, k + 8 * group * dim, dim, scores + 8 * group);
+  f32x16 out;
+  std::memcpy(&out, scores, sizeof(out));
+  return out;
 }
 
 template <int N, typename T>
