@@ -246,13 +246,23 @@ def generate(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Replay the decode step as a CUDA graph."),
+    jacobi: Optional[str] = typer.Option(None, "--jacobi", help="Speculative Jacobi decoding: a window W or 'auto'."),
     json_path: Optional[pathlib.Path] = JsonOption,
 ) -> None:
     """Generate images: the prompt through the decoder, image tokens with guided sampling, VQ decode to PNG."""
     from fastmm.image_io import save_png
     from fastmm.models import UnifiedModel
     from fastmm.models import presets
-    from fastmm.runtime import generate_image
+    from fastmm.runtime import Jacobi, generate_image
+
+    parallel = None
+    if jacobi is not None:
+        if jacobi != "auto" and not jacobi.isdigit():
+            raise typer.BadParameter(f"a window (an integer >= 1) or 'auto', got {jacobi!r}", param_hint="--jacobi")
+        try:
+            parallel = Jacobi(window=jacobi if jacobi == "auto" else int(jacobi))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--jacobi") from None
 
     target, demo_model = _model_options(model_path, demo, preset, dtype, device)
     if demo_model is not None:
@@ -270,7 +280,7 @@ def generate(
         task = progress.add_task("generate", total=model.config.image_gen.num_image_tokens)
         result = generate_image(
             model, ids, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            num_images=num_images, use_cuda_graph=cuda_graph,
+            num_images=num_images, use_cuda_graph=cuda_graph, parallel=parallel,
             progress=lambda done, total: progress.update(task, completed=done),
         )  # fmt: skip
     paths = [
@@ -287,6 +297,9 @@ def generate(
         "vq_decode_ms": round(1e3 * result.vq_decode_s, 1),
         "cuda_graph": result.cuda_graph,
     }
+    if parallel is not None:
+        summary |= {"jacobi_window": result.window, "decoder_passes": result.decoder_passes,
+                    "tokens_per_pass": round((result.tokens.shape[1] - 1) / max(result.decoder_passes, 1), 2)}
     _print_records("fastmm generate", [summary])
     _write_json(json_path, summary)
 

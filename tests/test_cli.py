@@ -149,6 +149,16 @@ def test_generate_demo_writes_a_png(tmp_path):
     assert summary["image_tokens"] == 576 and summary["ms_per_token"] > 0
 
 
+def test_generate_with_jacobi_reports_the_window(tmp_path):
+    """--jacobi decodes by SJD; greedy gives the sequential tokens' image, and the summary names the window."""
+    common = ("generate", "--demo", "--temperature", "0", "--seed", "1")
+    _invoke(*common, "--out", str(tmp_path / "seq.png"))
+    _invoke(*common, "--jacobi", "4", "--out", str(tmp_path / "sjd.png"), "--json", str(tmp_path / "summary.json"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["jacobi_window"] == 4 and 0 < summary["decoder_passes"] <= 575
+    assert (tmp_path / "seq.png").read_bytes() == (tmp_path / "sjd.png").read_bytes()
+
+
 def test_generate_from_a_checkpoint(tmp_path, janus_dir):
     from fastmm.models import presets
 
@@ -164,6 +174,8 @@ def test_generate_from_a_checkpoint(tmp_path, janus_dir):
         ([], "either --model PATH or --demo"),
         (["--demo", "--prompt-ids", "1,x"], "comma-separated integers"),
         (["--demo", "--dtype", "fp8"], "fp32"),
+        (["--demo", "--jacobi", "wide"], "a window (an integer >= 1) or 'auto'"),
+        (["--demo", "--jacobi", "0"], "window must be an int"),
     ],
 )
 def test_generate_rejects_bad_arguments(args, message):
