@@ -148,7 +148,7 @@ def test_split_vocabulary_draws_the_reference_ids(groups, temperature, dtype):
     """The split kernel (chunks of whole tiles per program, then a merge) draws the reference's ids: allowed
     ranges that do not start or end on a tile, a last chunk shorter than the others, more splits asked for than
     tiles, ties across chunks (the lowest id), NaN, an all -inf row (lo) and +inf."""
-    from fastmm.triton.sampling import cfg_sample_fwd
+    from fastmm.triton.sampling import cfg_sample_in_chunks
 
     device = _triton_device()
     logits = _logits(groups, 6, 3000, spread=3.0)
@@ -160,20 +160,20 @@ def test_split_vocabulary_draws_the_reference_ids(groups, temperature, dtype):
     scales = SCALES[groups]
     offset = torch.tensor([4], device=device)
     for (lo, hi), splits in (((0, 3000), 3), ((100, 2901), 2), ((5, 1030), 64)):
-        ids = cfg_sample_fwd(logits, scales, temperature, 0, 1.0, lo, hi, False, 7, offset, None, splits=splits)
+        ids = cfg_sample_in_chunks(logits, scales, temperature, 0, 1.0, lo, hi, False, 7, offset, None, splits)
         expected = ref.cfg_sample_fwd(logits.cpu(), scales, temperature, 0, 1.0, lo, hi, False, 7, offset.cpu(), None)
         assert ids.tolist() == expected.tolist(), f"allowed [{lo}, {hi}), splits {splits}"
 
 
 def test_split_vocabulary_refuses_whole_row_statistics():
-    from fastmm.triton.sampling import _vocab_splits, cfg_sample_fwd
+    from fastmm.triton.sampling import _vocab_splits, cfg_sample_in_chunks
 
     device = _triton_device()
     logits = _logits(2, 1, 3000).to(device)
     for options in ((1.0, 0, 0.9, False), (1.0, 10, 1.0, False), (1.0, 0, 1.0, True)):
         temperature, top_k, top_p, log_softmax = options
         with pytest.raises(ValueError, match="splits > 1 needs raw logits without top-k / top-p"):
-            cfg_sample_fwd(logits, (5.0,), temperature, top_k, top_p, 0, 3000, log_softmax, 0, None, None, splits=2)
+            cfg_sample_in_chunks(logits, (5.0,), temperature, top_k, top_p, 0, 3000, log_softmax, 0, None, None, 2)
     assert _vocab_splits(torch.device("cpu"), 1, 16384) == 1  # the interpreter runs one program per row
 
 

@@ -410,16 +410,23 @@ def cfg_sample_fwd(
     seed: int,
     offset: torch.Tensor | None,
     out: torch.Tensor | None,
-    splits: int | None = None,
 ) -> torch.Tensor:
     """Guided sample of one id per row: fastmm.reference.sampling.cfg_sample_fwd's semantics and RNG.
 
     logits [G*B, V] fp32 / fp16 / bf16, G = len(scales) + 1, unit stride along V; 0 <= lo < hi <= V;
     temperature >= 0 (0: greedy); top_k >= 0 (0: off); top_p in (0, 1] (1: off); seed in [0, 2^32); offset
-    None (step 0) or int64 [1] on logits' device, read by the kernel; out None or int64 [B] to write; splits:
-    programs per row over the allowed ids (None: enough to fill the GPU where the draw allows a split, see
-    _vocab_splits; 1 on CPU tensors, the interpreter). Returns ids [B] int64 in [lo, hi).
+    None (step 0) or int64 [1] on logits' device, read by the kernel; out None or int64 [B] to write.
+    Returns ids [B] int64 in [lo, hi). Rows split over several programs where the draw allows it
+    (cfg_sample_in_chunks, _vocab_splits).
     """
+    return cfg_sample_in_chunks(logits, scales, temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, out,
+                                None)  # fmt: skip
+
+
+def cfg_sample_in_chunks(logits, scales, temperature, top_k, top_p, lo, hi, log_softmax, seed, offset, out,
+                         splits: int | None) -> torch.Tensor:  # fmt: skip
+    """cfg_sample_fwd with ``splits`` programs per row over the allowed ids (None: _vocab_splits, enough to fill
+    the GPU where the draw allows a split and 1 on CPU tensors; tests force more under the interpreter)."""
     G = len(scales) + 1
     B, V = logits.shape[0] // G, logits.shape[1]
     if out is None:
@@ -433,7 +440,7 @@ def cfg_sample_fwd(
         splits = 1 if whole_row else _vocab_splits(logits.device, B, hi - lo)
     if splits > 1:
         if whole_row:
-            raise ValueError("cfg_sample_fwd: splits > 1 needs raw logits without top-k / top-p")
+            raise ValueError("cfg_sample_in_chunks: splits > 1 needs raw logits without top-k / top-p")
         chunk = triton.cdiv(triton.cdiv(hi - lo, splits), _BLOCK_V) * _BLOCK_V  # whole tiles per chunk
         splits = triton.cdiv(hi - lo, chunk)
     if splits > 1:
@@ -445,7 +452,7 @@ def cfg_sample_fwd(
             enable_fp_fusion=False,
         )  # fmt: skip
         _cfg_sample_merge_kernel[(B,)](part_value, part_id, out, splits, BLOCK_S=_merge_block(splits),
-                                   num_warps=_MERGE_WARPS, num_stages=1)  # fmt: skip
+                                       num_warps=_MERGE_WARPS, num_stages=1)  # fmt: skip
         return out
     _cfg_sample_kernel[(B,)](
         logits, offset, out, B, V, logits.stride(0), lo, hi, scale0, scale1, float(temperature), top_k,
