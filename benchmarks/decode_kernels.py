@@ -40,7 +40,8 @@ def linear_rows() -> None:
                 for fn in fns.values():
                     fn()
                 us = _median_us(cpu_time_interleaved(fns))
-                cells.append(f"M={rows}: {us['skinny']:7.1f} vs {us['F.linear']:7.1f} ({us['F.linear'] / us['skinny']:.2f}x)")
+                ratio = us["F.linear"] / us["skinny"]
+                cells.append(f"M={rows}: {us['skinny']:7.1f} vs {us['F.linear']:7.1f} ({ratio:.2f}x)")
             print(f"  {str(dtype)[6:]:8} {name:10} [{n}, {k}]  " + "  ".join(cells))
 
 

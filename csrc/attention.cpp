@@ -602,7 +602,9 @@ template <typename T>
 f32x16 key_scores(const f32x16* q, const T* k, int64_t dim) {
   const float* query = reinterpret_cast<const float*>(q);
   float scores[kBlock];
-  for (int group = 0; group < kBlock / 8; ++group) key_block_scores(query, k + 8 * group * dim, dim, scores + 8 * group);
+  for (int group = 0; group < kBlock / 8; ++group) {
+    key_block_scores(query, k + 8 * group * dim, dim, scores + 8 * group);
+  }
   f32x16 out;
   std::memcpy(&out, scores, sizeof(out));
   return out;

@@ -250,8 +250,9 @@ FASTMM_ENTRY_POINTS(m) {
                                              cache_size};
         return fastmm::decode_layer_scratch_size(shape, dtype);
       },
-      pybind11::arg("batch"), pybind11::arg("tokens"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"),
-      pybind11::arg("head_dim"), pybind11::arg("intermediate"), pybind11::arg("cache_size"), pybind11::arg("dtype"));
+      pybind11::arg("batch"), pybind11::arg("tokens"), pybind11::arg("hidden"), pybind11::arg("q_heads"),
+      pybind11::arg("kv_heads"), pybind11::arg("head_dim"), pybind11::arg("intermediate"), pybind11::arg("cache_size"),
+      pybind11::arg("dtype"));
 
   // Per-call buffers first, then the layer's constants, so that a caller can keep the latter in one tuple.
   m.def(
@@ -295,10 +296,11 @@ FASTMM_ENTRY_POINTS(m) {
       },
       pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("modality"), pybind11::arg("positions"), pybind11::arg("cache_lengths"), pybind11::arg("x_out"),
       pybind11::arg("residual_out"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("rope_cos"), pybind11::arg("rope_sin"),
-      pybind11::arg("scratch"), pybind11::arg("scratch_size"), pybind11::arg("input_norm"), pybind11::arg("input_norm_eps"), pybind11::arg("qkv"),
-      pybind11::arg("qkv_bias"), pybind11::arg("o"), pybind11::arg("o_bias"), pybind11::arg("post_attention_norm"),
-      pybind11::arg("post_attention_norm_eps"), pybind11::arg("gate_up"), pybind11::arg("gate_up_bias"), pybind11::arg("down"),
-      pybind11::arg("down_bias"), pybind11::arg("batch"), pybind11::arg("tokens"), pybind11::arg("hidden"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"),
-      pybind11::arg("head_dim"), pybind11::arg("intermediate"), pybind11::arg("cache_size"), pybind11::arg("dtype"), pybind11::arg("num_threads"),
-      pybind11::arg("attention_threads"), fastmm::release());
+      pybind11::arg("scratch"), pybind11::arg("scratch_size"), pybind11::arg("input_norm"),
+      pybind11::arg("input_norm_eps"), pybind11::arg("qkv"), pybind11::arg("qkv_bias"), pybind11::arg("o"),
+      pybind11::arg("o_bias"), pybind11::arg("post_attention_norm"), pybind11::arg("post_attention_norm_eps"),
+      pybind11::arg("gate_up"), pybind11::arg("gate_up_bias"), pybind11::arg("down"), pybind11::arg("down_bias"),
+      pybind11::arg("batch"), pybind11::arg("tokens"), pybind11::arg("hidden"), pybind11::arg("q_heads"),
+      pybind11::arg("kv_heads"), pybind11::arg("head_dim"), pybind11::arg("intermediate"), pybind11::arg("cache_size"),
+      pybind11::arg("dtype"), pybind11::arg("num_threads"), pybind11::arg("attention_threads"), fastmm::release());
 }

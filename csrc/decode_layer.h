@@ -1,8 +1,8 @@
 // One decoder layer of a decode step in one call (decode_layer.cpp): fastmm/models/decoder.py's DecoderLayer
 // for B rows of L new tokens each (causal among them), composed from the norm, linear and attention kernels.
 // Weights, activations and the cache share one element type, the fastmm::DType `dtype` (fp32, fp16 or bf16);
-// the RoPE tables are fp32. Buffers are raw, contiguous and row-major; callers validate every shape, pointer and value before the call
-// (fastmm/native/decode_layer.py): the kernel indexes the norm weights with the modality ids and the cache and
+// the RoPE tables are fp32. Buffers are raw, contiguous and row-major; callers validate every shape, pointer and
+// value before the call (fastmm/native/decode_layer.py): the kernel indexes the norm weights with the modality ids and the cache and
 // RoPE tables with the positions and cache lengths, unchecked.
 #pragma once
 

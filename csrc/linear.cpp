@@ -19,8 +19,9 @@
 //
 // Without AVX-512 (AVX2: 16 registers of 8 lanes) the 8 x 2 tile of f32x16 does not fit the register file:
 // GCC moved every accumulator through memory and the kernel fell far behind F.linear at any M. There the tiles
-// are 4 weight rows x up to 3 rows of x in 8-lane registers, chosen against 4 x 2, 6 x 2, 8 x 1 and 3 x 4 on the
-// AVX2 development host (`fastmm bench linear` gives the figures); the weights widen from bf16 / fp16 in registers.
+// are 4 weight rows x up to 3 rows of x in 8-lane registers; on the AVX2 development host none of 4 x 2, 6 x 2,
+// 8 x 1, 3 x 3, 3 x 4 and 2 x 4 was faster beyond run-to-run noise (`benchmarks/decode_kernels.py` times the
+// kernel against F.linear). The weights widen from bf16 / fp16 in registers.
 //
 // bf16 with AVX512_BF16: widening each weight block to fp32 held the kernel at 16-23 GB/s (2 threads, M = 2,
 // weights from DRAM). vdpbf16ps instead multiplies 32 bf16 pairs of W and x exactly and adds them into 16 fp32

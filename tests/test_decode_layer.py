@@ -280,5 +280,6 @@ def test_bad_steps_are_refused():
         step.run(token, torch.tensor([[0], [1]]))
     step.run(token, modality)
     cache.advance(1)  # row 0 now holds 6 of 6 positions
-    with pytest.raises(ValueError, match=r"the cache is full or corrupt: lengths must be in \[0, max_len - 1 = 5\] before a decode step of 1 tokens"):
+    full = r"the cache is full or corrupt: lengths must be in \[0, max_len - 1 = 5\] before a decode step of 1 tokens"
+    with pytest.raises(ValueError, match=full):
         step.run(token, modality)

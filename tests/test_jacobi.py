@@ -276,13 +276,16 @@ def test_crossover_rows_measures_the_linear_kernel(monkeypatch):
         window_module.crossover_rows.cache_clear()
 
 
-def test_auto_window_is_reported_and_lossless(model40):
-    """The default window: the result names it, and greedy tokens still equal sequential greedy."""
-    expected = generate_image(model40, PROMPT, temperature=0.0, decode_pixels=False)
-    result = generate_image(model40, PROMPT, temperature=0.0, decode_pixels=False, parallel=Jacobi(init="copy"))
-    rows = window_module.crossover_rows(torch.device("cpu"), model40.generation_table.dtype)
-    assert result.window == max(2, min(16, int(rows // 2)))
-    assert torch.equal(result.tokens, expected.tokens)
+@pytest.mark.parametrize("cfg_scale, num_images, expected", [(5.0, 1, 4), (1.0, 1, 9), (5.0, 2, 2)])
+def test_auto_window_is_reported_and_lossless(model40, monkeypatch, cfg_scale, num_images, expected):
+    """The default window: with a crossover of 9 rows, 9 // (CFG groups x images) slots; the result names it,
+    and greedy tokens still equal sequential greedy."""
+    monkeypatch.setattr(window_module, "crossover_rows", lambda device, dtype: 9.0)
+    kwargs = dict(cfg_scale=cfg_scale, num_images=num_images, temperature=0.0, decode_pixels=False)
+    sequential = generate_image(model40, PROMPT, **kwargs)
+    result = generate_image(model40, PROMPT, parallel=Jacobi(init="copy"), **kwargs)
+    assert result.window == expected
+    assert torch.equal(result.tokens, sequential.tokens)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

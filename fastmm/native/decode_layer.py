@@ -56,8 +56,9 @@ def _layer_weights(layer, widths: dict[str, int], dtype: torch.dtype) -> tuple[l
 
 
 class DecodeLayerRunner:
-    """Runs every layer of ``layers`` (DecodeLayerWeights, in order) for a decode step of ``batch`` rows of ``tokens``
-    new tokens each (one, or a window of speculative decoding, causal among them) into ``cache``: ``run(embeds, modality) -> (x, residual)``, what the decoder's layer loop returns.
+    """Runs every layer of ``layers`` (DecodeLayerWeights, in order) for a decode step of ``batch`` rows of
+    ``tokens`` new tokens each (one, or a window of speculative decoding, causal among them) into ``cache``:
+    ``run(embeds, modality) -> (x, residual)``, what the decoder's layer loop returns.
     Its dtype is the first layer's q/k/v weight's: every weight and the cache must have it; the RoPE tables
     [positions, d] are float32."""
 

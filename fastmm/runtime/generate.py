@@ -74,6 +74,21 @@ def _unconditional(model, cond: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, cond, torch.full_like(cond, config.pad_token_id))
 
 
+def guidance_groups(cfg_scale: float) -> int:
+    """Decoder rows per image: a conditional and an unconditional one with guidance (cfg_scale != 1), else one."""
+    return 2 if cfg_scale != 1 else 1
+
+
+def _resolved_window(parallel: Jacobi, model, rows_per_slot: int) -> Jacobi:
+    """``parallel`` with window="auto" replaced by the device's default window (fastmm.runtime.window) for a
+    decoder pass of ``rows_per_slot`` rows per window slot."""
+    if parallel.window != "auto":
+        return parallel
+    table = model.generation_table
+    window = default_window(table.device, table.dtype, rows_per_slot, model.config.image_gen.num_image_tokens - 1)
+    return dataclasses.replace(parallel, window=window)
+
+
 def _check_sampling(cfg_scale: float, temperature: float, top_k: int | None, top_p: float | None, num_images: int,
                     seed: int | None) -> None:  # fmt: skip
     if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
@@ -145,7 +160,7 @@ def start_image_generation(
         raise ValueError("generate_image: the model has no image-generation path (config.image_gen is None)")
     _check_sampling(cfg_scale, temperature, top_k, top_p, num_images, seed)
     cond = _prompt_rows(model, prompt_ids, num_images)
-    guided = cfg_scale != 1
+    guided = guidance_groups(cfg_scale) == 2
     rows = torch.cat([cond, _unconditional(model, cond)]) if guided else cond
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -198,13 +213,10 @@ def generate_image(
     """
     if parallel is not None and not isinstance(parallel, Jacobi):
         raise ValueError(f"generate_image: parallel must be None or a fastmm.runtime.Jacobi, got {parallel!r}")
-    start = time.perf_counter()
-    if parallel is not None and parallel.window == "auto" and model.config.image_gen is not None:
+    if parallel is not None and model.config.image_gen is not None:  # start_image_generation refuses no image path
         _check_sampling(cfg_scale, temperature, top_k, top_p, num_images, seed)  # before num_images is used
-        table = model.generation_table
-        rows_per_slot = (2 if cfg_scale != 1 else 1) * num_images
-        window = default_window(table.device, table.dtype, rows_per_slot, model.config.image_gen.num_image_tokens - 1)
-        parallel = dataclasses.replace(parallel, window=window)
+        parallel = _resolved_window(parallel, model, guidance_groups(cfg_scale) * num_images)  # outside the timing
+    start = time.perf_counter()
     margin = 0 if parallel is None else parallel.window
     step = start_image_generation(model, prompt_ids, cfg_scale, temperature, top_k, top_p, seed, num_images, margin)
     device, total = step.tokens.device, step.tokens.shape[1]

@@ -108,9 +108,9 @@ class JacobiLoop:
         left = torch.where(count < W, new[:, -1], self.tokens.gather(1, (self.accepted - 1)[:, None])[:, 0])
         fresh, fresh_probs = jacobi_initial_drafts(self.init, self.sampling["seed"], self.window_positions(),
                                                    left[:, None].expand(N, W), self.vocab)  # fmt: skip
-        self.drafts.copy_(torch.where(from_old, new.gather(1, source), fresh))
+        torch.where(from_old, new.gather(1, source), fresh, out=self.drafts)
         gathered = new_probs.gather(1, source[..., None].expand(-1, -1, self.vocab))
-        self.probs.copy_(torch.where(from_old[..., None], gathered, fresh_probs))
+        torch.where(from_old[..., None], gathered, fresh_probs, out=self.probs)  # written in place: no [N, W, V] copy
 
 
 @torch.no_grad()

@@ -61,4 +61,5 @@ def default_window(device: torch.device, dtype: torch.dtype, rows_per_slot: int,
     """The window for a batch of ``rows_per_slot`` decoder rows per window slot (images x guidance groups) with
     ``tokens_left`` tokens to decode after the first."""
     window = int(crossover_rows(torch.device(device), dtype) // rows_per_slot)
-    return max(1, min(max(MIN_WINDOW, min(MAX_WINDOW, window)), tokens_left))
+    window = min(MAX_WINDOW, max(MIN_WINDOW, window))
+    return max(1, min(window, tokens_left))

@@ -19,7 +19,6 @@ import torch
 import fastmm
 from fastmm.backend import choose_backend
 from fastmm.bench.suites import Case, Provider, register_suite
-from fastmm.reference.sampling import jacobi_verify_fwd as reference_verify
 
 VOCAB = 16384
 BATCHES = (1, 16)
@@ -82,14 +81,16 @@ def verify_case(images: int, vocab: int, dtype: torch.dtype, device: torch.devic
                              random_drafts)  # fmt: skip
         probs = torch.nn.functional.one_hot(drafts, vocab).float()
         start = torch.ones(images, dtype=torch.int64, device=device)
-        kwargs = dict(scales=(SCALE,), temperature=1.0, seed=1)
+        def new_tokens():
+            return fastmm.ops.jacobi_verify(logits, drafts, probs, start, 10**6, scales=(SCALE,), temperature=1.0,
+                                            seed=1)[1]  # fmt: skip
 
-        def eager():  # the new tokens
-            return reference_verify(logits, drafts, probs, start, 10**6, (SCALE,), 1.0, 0, 1.0, 0, vocab, False, 1)[1]
+        def eager():
+            with fastmm.use_backend("reference"):
+                return new_tokens()
 
         return [
-            Provider("fastmm", lambda: fastmm.ops.jacobi_verify(logits, drafts, probs, start, 10**6, **kwargs)[1],
-                     backend=choose_backend("jacobi_verify", device)),  # fmt: skip
+            Provider("fastmm", new_tokens, backend=choose_backend("jacobi_verify", device)),
             Provider("torch", eager, graph_safe=False, note="fastmm.reference's eager PyTorch of the same rule"),
         ]
 
