@@ -47,14 +47,16 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ---- lanes ------------------------------------------------------------------------------------------------
 
 // 2^f for |f| <= 1/2 by a degree-6 polynomial (relative error 2e-9): the part of 2^x both builds share.
-inline f32x16 exp2_fraction(f32x16 f) {
-  f32x16 p = splat(0x1.41a6fep-13f);
-  p = fma_lanes(p, f, splat(0x1.5f44f0p-10f));
-  p = fma_lanes(p, f, splat(0x1.3b2dfep-7f));
-  p = fma_lanes(p, f, splat(0x1.c6aed6p-5f));
-  p = fma_lanes(p, f, splat(0x1.ebfbdap-3f));
-  p = fma_lanes(p, f, splat(0x1.62e430p-1f));
-  p = fma_lanes(p, f, splat(1.f));
+// V is f32x16 or Lanes (the same type with AVX-512).
+template <typename V>
+V exp2_fraction(V f) {
+  V p = V{} + 0x1.41a6fep-13f;
+  p = fma_lanes(p, f, V{} + 0x1.5f44f0p-10f);
+  p = fma_lanes(p, f, V{} + 0x1.3b2dfep-7f);
+  p = fma_lanes(p, f, V{} + 0x1.c6aed6p-5f);
+  p = fma_lanes(p, f, V{} + 0x1.ebfbdap-3f);
+  p = fma_lanes(p, f, V{} + 0x1.62e430p-1f);
+  p = fma_lanes(p, f, V{} + 1.f);
   return p;
 }
 
@@ -99,16 +101,19 @@ inline f32x16 transpose_sum(const f32x16 (&v)[kBlock]) {
 #else
 // Builds without AVX-512. 2^x as above, with the scaling by 2^n done in two exponent-field halves (n alone
 // reaches -150, below the smallest normal exponent): 2^-150 and below round to 0, like vscalefps. The
-// comparison that clamps keeps a NaN (it compares false), and the NaN flows through the polynomial.
-inline f32x16 exp2_lanes(f32x16 x) {
-  x = x < -150.f ? splat(-150.f) : x;
-  x = x > 128.f ? splat(128.f) : x;
-  const f32x16 round_bias = splat(0x1.8p23f);  // adding and subtracting it rounds to the nearest integer
-  const f32x16 whole = (x + round_bias) - round_bias;
-  const f32x16 p = exp2_fraction(x - whole);
-  const i32x16 n = __builtin_convertvector(x == x ? whole : f32x16{}, i32x16);
-  const i32x16 half = n >> 1;
-  const auto power = [](i32x16 e) { return reinterpret_cast<f32x16>((e + 127) << 23); };
+// comparison that clamps keeps a NaN (it compares false), and the NaN flows through the polynomial. V is
+// f32x16 or Lanes; a comparison of two V gives the integer vector of the same width.
+template <typename V>
+V exp2_lanes(V x) {
+  using Ints = decltype(x < x);
+  x = x < -150.f ? V{} - 150.f : x;
+  x = x > 128.f ? V{} + 128.f : x;
+  const V round_bias = V{} + 0x1.8p23f;  // adding and subtracting it rounds to the nearest integer
+  const V whole = (x + round_bias) - round_bias;
+  const V p = exp2_fraction(x - whole);
+  const Ints n = __builtin_convertvector(x == x ? whole : V{}, Ints);
+  const Ints half = n >> 1;
+  const auto power = [](Ints e) { return reinterpret_cast<V>((e + 127) << 23); };
   return p * power(half) * power(n - half);
 }
 
@@ -131,12 +136,6 @@ inline f32x16 max_lanes(f32x16 v, f32x16 running) { return v > running ? v : run
 inline f32x16 mask_outside(f32x16 v, int32_t j, i32x16 first, i32x16 last) {
   const i32x16 key = i32x16{} + j;
   return (key >= first) & (key < last) ? v : splat(-kInf);
-}
-
-// v in lanes below n, -inf above.
-inline f32x16 mask_lanes_from(f32x16 v, int64_t n) {
-  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return lane < static_cast<int32_t>(n) ? v : splat(-kInf);
 }
 
 // tanh(x) = 1 - 2 / (1 + e^(2x)), e^(2x) = 2^(2x log2(e)): exp2_lanes gives 0 far below 0 (tanh = -1) and inf
@@ -572,6 +571,14 @@ void accumulate_values(f32x16* out, float rescale, const float* p, const T* v, i
 
 // Up to kValueBlocks output blocks per pass over the value rows: d <= 128 takes one pass.
 constexpr int64_t kValueBlocks = 8;
+
+// out[j] = the scores of query q against keys j < kKeyGroup (rows of k at stride dim).
+constexpr int64_t kKeyGroup = kBlock;
+template <typename T>
+void key_group_scores(const f32x16* q, const T* k, int64_t dim, float* out) {
+  const f32x16 scores = key_scores(q, k, dim);
+  std::memcpy(out, &scores, sizeof(scores));
+}
 #else
 // The same with native-width Lanes (AVX2: 8 lanes). GCC 12 keeps an f32x16 that a loop carries in memory
 // there and moves it through general registers at every update (lanes.h), which made these loops, the whole of
@@ -598,16 +605,10 @@ void key_block_scores(const float* query, const T* k, int64_t dim, float* out) {
 #endif
 }
 
+constexpr int64_t kKeyGroup = 8;
 template <typename T>
-f32x16 key_scores(const f32x16* q, const T* k, int64_t dim) {
-  const float* query = reinterpret_cast<const float*>(q);
-  float scores[kBlock];
-  for (int group = 0; group < kBlock / 8; ++group) {
-    key_block_scores(query, k + 8 * group * dim, dim, scores + 8 * group);
-  }
-  f32x16 out;
-  std::memcpy(&out, scores, sizeof(out));
-  return out;
+void key_group_scores(const f32x16* q, const T* k, int64_t dim, float* out) {
+  key_block_scores(reinterpret_cast<const float*>(q), k, dim, out);
 }
 
 template <int N, typename T>
@@ -679,12 +680,12 @@ class DecodeItem {
     const int64_t cache_offset = head_ * a_.cache_size * a_.dim;
     const T* k = static_cast<const T*>(a_.k_cache) + cache_offset;
     const T* v = static_cast<const T*>(a_.v_cache) + cache_offset;
+    alignas(64) float scores[kStepKeys];
     for (int64_t lo = first_; lo < last_; lo += kStepKeys) {
       const int64_t count = std::min(kStepKeys, last_ - lo);
       for (int64_t r = 0; r < rows_; ++r) {
         const int64_t attended = std::min(count, row_end_offset_ + r % a_.num_queries - lo);
         if (attended <= 0) continue;
-        f32x16 scores[kStepBlocks];
         step_scores(q.data() + r * dim_blocks_, k + lo * a_.dim, attended, scores);
         mask_scores(scores, attended, r % a_.num_queries, lo);
         update_row(scores, attended, v + lo * a_.dim, out + r * dim_blocks_, max[r], sum[r]);
@@ -695,8 +696,7 @@ class DecodeItem {
  private:
   // Keys per online-softmax step: the max, exp2 and rescale of a step cost as much as a few dozen keys, and
   // a longer step keeps more of the out-of-order window on loads.
-  static constexpr int64_t kStepBlocks = 4;
-  static constexpr int64_t kStepKeys = kStepBlocks * kBlock;
+  static constexpr int64_t kStepKeys = 64;
 
   void load_queries(std::vector<f32x16>& q) const {
     const T* src = static_cast<const T*>(a_.q) + head_ * rows_ * a_.dim;  // the group's rows are consecutive
@@ -708,59 +708,62 @@ class DecodeItem {
     }
   }
 
-  // Scores of query q against keys [0, count) of the step (rows of keys), 16 per vector; lanes past count
-  // are -inf. A last block of fewer than 16 keys is copied, zero-padded, so no row past count is read.
-  void step_scores(const f32x16* q, const T* keys, int64_t count, f32x16 (&scores)[kStepBlocks]) {
-    for (int64_t b = 0; b * kBlock < count; ++b) {
-      const int64_t n = std::min(kBlock, count - b * kBlock);
-      const T* block = keys + b * kBlock * a_.dim;
-      if (n == kBlock) {
-        scores[b] = key_scores(q, block, a_.dim);
-        continue;
-      }
-      padded_keys_.assign(a_.dim, f32x16{});
-      float* padded = reinterpret_cast<float*>(padded_keys_.data());
-      for_each_block(n * a_.dim, [=](int64_t j, auto m) { store_block(padded + j, load_block(block + j, m), m); });
-      scores[b] = mask_lanes_from(key_scores(q, padded, a_.dim), n);
+  // scores[j] = the score of query q against key j of the step (rows of keys) for j < count, and -inf from
+  // count to the next whole Lanes. A last group of fewer than kKeyGroup keys is copied, zero-padded, so no row
+  // past count is read.
+  void step_scores(const f32x16* q, const T* keys, int64_t count, float* scores) {
+    int64_t j = 0;
+    for (; j + kKeyGroup <= count; j += kKeyGroup) key_group_scores(q, keys + j * a_.dim, a_.dim, scores + j);
+    if (j < count) {
+      padded_keys_.assign(kKeyGroup * a_.dim, 0.f);
+      const T* rest = keys + j * a_.dim;
+      for (int64_t i = 0; i < (count - j) * a_.dim; ++i) padded_keys_[i] = to_float(rest[i]);
+      key_group_scores(q, padded_keys_.data(), a_.dim, scores + j);
     }
+    for (int64_t t = count; t < ceil_div(count, kLanes) * kLanes; ++t) scores[t] = -kInf;
   }
 
   // Softcap, bias and pair mask of the scores of query `query` against keys [lo, lo + count).
-  void mask_scores(f32x16 (&scores)[kStepBlocks], int64_t count, int64_t query, int64_t lo) const {
+  void mask_scores(float* scores, int64_t count, int64_t query, int64_t lo) const {
     const Masking& m = a_.masking;
     if (m.softcap == 0.f && !m.bias && !m.allowed) return;
     const int64_t pairs = ((head_ / a_.kv_heads) * a_.num_queries + query) * a_.cache_size + lo;
     for (int64_t b = 0; b * kBlock < count; ++b) {
       const int64_t n = std::min(kBlock, count - b * kBlock);
-      f32x16& s = scores[b];
+      f32x16 s = load_block(scores + b * kBlock, n);
       if (m.softcap > 0.f) s = softcap_lanes(s, m.softcap * kLog2e);
       if (m.bias) s += load_block(m.bias + pairs + b * kBlock, n) * kLog2e;
       if (m.allowed) {
         const uint8_t* allowed = m.allowed + pairs + b * kBlock;
         for (int64_t t = 0; t < n; ++t) s[t] = allowed[t] ? s[t] : -kInf;
       }
-      s = mask_lanes_from(s, n);
+      store_block(scores + b * kBlock, s, n);
     }
   }
 
-  // Online softmax step of one query row over the scores of its first `count` keys (at least one); a step
-  // whose keys are all masked, with nothing attended before it, changes nothing.
-  void update_row(const f32x16 (&scores)[kStepBlocks], int64_t count, const T* values, f32x16* out, float& max,
+  // Online softmax step of one query row over the scores of its first `count` keys (at least one; -inf up to
+  // the next whole Lanes); a step whose keys are all masked, with nothing attended before it, changes nothing.
+  // Carried values are Lanes (lanes.h).
+  void update_row(const float* scores, int64_t count, const T* values, f32x16* out, float& max,
                   float& sum) const {
-    const int64_t blocks = ceil_div(count, kBlock);
-    f32x16 step_max = scores[0];
-    for (int64_t b = 1; b < blocks; ++b) step_max = max_lanes(scores[b], step_max);
-    const float new_max = std::max(max, lane_max(step_max));
+    const int64_t vectors = ceil_div(count, kLanes);
+    Lanes step_max = Lanes{} - kInf;
+    for (int64_t i = 0; i < vectors; ++i) {
+      const Lanes s = load_lanes(scores + i * kLanes);
+      step_max = s > step_max ? s : step_max;  // a NaN score is dropped here and propagates through exp2
+    }
+    float new_max = max;
+    for (int i = 0; i < kLanes; ++i) new_max = std::max(new_max, step_max[i]);
     if (new_max == -kInf) return;
-    float probs[kStepKeys];
-    f32x16 step_sum = {};
-    for (int64_t b = 0; b < blocks; ++b) {
-      const f32x16 p = exp2_lanes(scores[b] - new_max);
+    alignas(64) float probs[kStepKeys];
+    Lanes step_sum = {};
+    for (int64_t i = 0; i < vectors; ++i) {
+      const Lanes p = exp2_lanes(load_lanes(scores + i * kLanes) - new_max);
       step_sum += p;
-      std::memcpy(probs + b * kBlock, &p, sizeof(p));
+      store_lanes(probs + i * kLanes, p);
     }
     const float rescale = std::exp2(max - new_max);
-    sum = sum * rescale + lane_sum(step_sum);
+    sum = sum * rescale + lanes_sum(step_sum);
     max = new_max;
     accumulate_value_rows(out, rescale, probs, values, count, a_.dim);
   }
@@ -769,7 +772,7 @@ class DecodeItem {
   DecodePartials& parts_;
   const int64_t head_, split_, rows_, dim_blocks_;
   int64_t first_, last_, row_end_offset_;
-  std::vector<f32x16> padded_keys_;  // [16][dim] floats: a last block of fewer than 16 keys, zero-padded
+  std::vector<float> padded_keys_;  // [kKeyGroup][dim]: a last group of fewer than kKeyGroup keys, zero-padded
 };
 
 // o = sum over splits of out_s * 2^(max_s - M) / sum over splits of sum_s * 2^(max_s - M), M the largest max.

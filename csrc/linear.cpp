@@ -21,7 +21,8 @@
 // GCC moved every accumulator through memory and the kernel fell far behind F.linear at any M. There the tiles
 // are 4 weight rows x up to 3 rows of x in 8-lane registers; on the AVX2 development host none of 4 x 2, 6 x 2,
 // 8 x 1, 3 x 3, 3 x 4 and 2 x 4 was faster beyond run-to-run noise (`benchmarks/decode_kernels.py` times the
-// kernel against F.linear). The weights widen from bf16 / fp16 in registers.
+// kernel against F.linear). What did matter there: keeping each loaded block in a register (pin_in_register),
+// one horizontal sum for 4 accumulators, and widening bf16 / fp16 weights once per tile from 8 rows of x.
 //
 // bf16 with AVX512_BF16: widening each weight block to fp32 held the kernel at 16-23 GB/s (2 threads, M = 2,
 // weights from DRAM). vdpbf16ps instead multiplies 32 bf16 pairs of W and x exactly and adds them into 16 fp32
@@ -146,40 +147,64 @@ void tile(const Problem<bf16, bf16>& pb, int64_t n, int64_t first_row) {
 // registers each there, so GCC keeps them in memory and moves every update through it. These tiles carry
 // native-width Lanes instead, R weight rows x MB rows of x sized to the register file: MB x blocks and R x MB
 // accumulators stay in registers while each weight block streams through one more.
-// y[m][n + r] for r < R and the MB rows of x from first_row, as tile() computes it.
-template <int R, int MB, typename T>
-void narrow_tile(const Problem<T>& pb, int64_t n, int64_t first_row) {
-  const T* w = pb.weight + n * pb.weight_stride;
+// Makes v a register value the compiler cannot reload from memory. Without it GCC 12 folds the blocks of x or
+// of W into the FMAs as memory operands, one load per FMA instead of one per block (15 loads for 12 FMAs in the
+// 4 x 3 tile): the tile then waited on loads, not on FMAs.
+inline void pin_in_register(Lanes& v) {
+#if defined(__AVX__)
+  __asm__("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
+// out[r] = the sum of the lanes of acc[r]. Four vectors at once take two rounds of horizontal adds and one add
+// of 128-bit halves instead of four separate reductions, which cost as much as a third of a tile's FMAs at
+// K = 512.
+template <int R>
+void lane_sums(const Lanes (&acc)[R], float* out) {
+#if defined(__AVX__)
+  if constexpr (R == 4) {
+    const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1)));
+    return;
+  }
+#endif
+  for (int r = 0; r < R; ++r) out[r] = lanes_sum(acc[r]);
+}
+
+// y[m][n + r] for r < R and the MB rows of x from first_row, as tile() computes it, with weight row n + r read
+// from w + r * w_stride: pb.weight's rows, or the same rows already widened to fp32 (W = float).
+template <int R, int MB, typename T, typename W>
+void narrow_tile(const Problem<T>& pb, int64_t n, int64_t first_row, const W* w, int64_t w_stride) {
   const float* x = pb.x + first_row * pb.padded;
   Lanes acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = Lanes{};
   const auto accumulate = [&](int64_t j, auto load) {
     Lanes xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = load_lanes(x + m * pb.padded + j);
+    for (int m = 0; m < MB; ++m) {
+      xv[m] = load_lanes(x + m * pb.padded + j);
+      pin_in_register(xv[m]);
+    }
     for (int r = 0; r < R; ++r) {
-      const Lanes wv = load(w + r * pb.weight_stride + j);
+      Lanes wv = load(w + r * w_stride + j);
+      pin_in_register(wv);
       for (int m = 0; m < MB; ++m) acc[m][r] = fma_lanes(wv, xv[m], acc[m][r]);
     }
   };
   const int64_t full = pb.dim / kLanes * kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) accumulate(j, [](const T* p) { return load_lanes(p); });
-  if (full < pb.dim) accumulate(full, [&](const T* p) { return load_lanes(p, pb.dim - full); });
+  for (int64_t j = 0; j < full; j += kLanes) accumulate(j, [](const W* p) { return load_lanes(p); });
+  if (full < pb.dim) accumulate(full, [&](const W* p) { return load_lanes(p, pb.dim - full); });
   for (int m = 0; m < MB; ++m) {
+    float sums[R];
+    lane_sums(acc[m], sums);
     T* out = pb.y + (first_row + m) * pb.out_features + n;
-    for (int r = 0; r < R; ++r) {
-      out[r] = from_float<T>(lanes_sum(acc[m][r]) + (pb.bias ? to_float(pb.bias[n + r]) : 0.f));
-    }
+    for (int r = 0; r < R; ++r) out[r] = from_float<T>(sums[r] + (pb.bias ? to_float(pb.bias[n + r]) : 0.f));
   }
 }
 #endif
 
-#ifndef NARROW_MB
-#define NARROW_MB 4
-#endif
-#ifndef NARROW_R
-#define NARROW_R 3
-#endif
 // R weight rows from n against every row of x: pairs of rows, then the last row when M is odd (narrow
 // vectors: triples, then a pair or a single row).
 template <int R, typename T, typename X>
@@ -187,10 +212,23 @@ void weight_tile(const Problem<T, X>& pb, int64_t n) {
   int64_t m = 0;
 #if !(defined(__AVX512F__) && defined(__AVX512BW__))
   if constexpr (std::is_same_v<X, float>) {
-    for (; m + 3 <= pb.rows; m += 3) narrow_tile<R, 3>(pb, n, m);
-    if (m + 2 <= pb.rows) narrow_tile<R, 2>(pb, n, m);
-    if (m + 1 == pb.rows) narrow_tile<R, 1>(pb, n, m);
-    return;
+    const auto passes = [&](const auto* w, int64_t w_stride) {
+      for (; m + 3 <= pb.rows; m += 3) narrow_tile<R, 3>(pb, n, m, w, w_stride);
+      if (m + 2 <= pb.rows) narrow_tile<R, 2>(pb, n, m, w, w_stride);
+      if (m + 1 == pb.rows) narrow_tile<R, 1>(pb, n, m, w, w_stride);
+    };
+    // From 8 rows of x (3 passes over the tile's weight rows), fp16 / bf16 weights are widened once into an
+    // L1-resident buffer: widening in every pass costs two more instructions per weight block beside its 3
+    // FMAs. With fewer passes the widening did not pay for itself.
+    if (std::is_same_v<T, float> || pb.rows < 8) return passes(pb.weight + n * pb.weight_stride, pb.weight_stride);
+    thread_local std::vector<float> wide;
+    wide.resize(R * pb.padded);
+    for (int r = 0; r < R; ++r) {
+      const T* src = pb.weight + (n + r) * pb.weight_stride;
+      float* dst = wide.data() + r * pb.padded;
+      for_each_block(pb.dim, [=](int64_t j, auto count) { store_block(dst + j, load_block(src + j, count), count); });
+    }
+    return passes(static_cast<const float*>(wide.data()), pb.padded);
   }
 #endif
   if constexpr (std::is_same_v<X, bf16>) {  // one weight row per tile: more rows of x per pass
