@@ -7,8 +7,8 @@
 #   setup      .venv by the Makefile's setup, with a CUDA build of torch: the machine's own python's when it
 #              has torch==TORCH_VERSION built with CUDA, else the registry's (see install_cuda_torch)
 #   env        git sha and status, pip freeze, nvidia-smi -q, fastmm info (text and JSON)
-#   tests      every CUDA test: pytest -k "cuda or gpu" (the (backend, "cuda") cases of backend_cases, the tests
-#              marked gpu, the CUDA-graph test of tests/test_generate.py), junit XML
+#   tests      every CUDA test: pytest -k "cuda or gpu or split" (the (backend, "cuda") cases of backend_cases, the
+#              tests marked gpu, the CUDA-graph tests, the split-vocabulary sampling and verification), junit XML
 #   bench      fastmm bench all --device cuda --quick (report.md, report.json, plots/)
 #   e2e-1b     the e2e suite's 1B-shaped case (24 x 2048, bf16, 576 image tokens: the GPU targets' shape), fastmm
 #              with and without the CUDA graph
@@ -48,7 +48,7 @@ export OUT TORCH_VERSION
 STAGES=(
     "setup|300|make setup; torch==$TORCH_VERSION for CUDA: the machine python's if it has one, else the registry's"
     "env|45|git rev-parse HEAD / status; pip freeze; nvidia-smi -q; fastmm info --json"
-    "tests|165|pytest -n 8 -v -k 'cuda or gpu' tests --junitxml"
+    "tests|165|pytest -n 8 -v -k 'cuda or gpu or split' tests --junitxml"
     "bench|75|fastmm bench all --device cuda --quick --out OUT/bench"
     "e2e-1b|180|e2e suite, preset 1b, bfloat16, 576 tokens: time_to_first_token and image_tokens"
 )
@@ -119,7 +119,7 @@ stage_tests() {
     mkdir -p "$OUT/tests"
     # -v: a line per test as it ends, so that a run cut by the timeout still shows how far it got; 8 workers
     # compile Triton kernels side by side (the CPU-bound part), the GPU runs their small tests together.
-    "$PY" -m pytest -v -p no:cacheprovider -n 8 -rfEs -k "cuda or gpu" --junitxml="$OUT/tests/junit.xml" tests
+    "$PY" -m pytest -v -p no:cacheprovider -n 8 -rfEs -k "cuda or gpu or split" --junitxml="$OUT/tests/junit.xml" tests
 }
 
 stage_bench() {

@@ -416,3 +416,53 @@ def test_triton_verify_equals_the_reference():
         seen.update((int(c), W) for c in count)
     # rejections at slot 0, accepted runs ended by a rejection or a cut, and a whole window accepted
     assert (0, 1) in seen and (3, 3) in seen and any(0 < count < W for count, W in seen)
+
+
+@pytest.mark.parametrize("groups,temperature,dtype", [(2, 0.0, torch.float32), (2, 0.9, torch.bfloat16),
+                                                      (1, 1.3, torch.float32)])  # fmt: skip
+def test_triton_split_verify_equals_the_reference(groups, temperature, dtype):
+    """The split verification (chunks of whole 1024-id tiles per program: statistics, the pass over each chunk,
+    a merge) against the reference: the same counts and tokens, probs within 1e-6. Allowed ranges that do not
+    start or end on a tile, a last chunk shorter than the others, more splits asked for than tiles; greedy ties
+    across chunks (the lowest id), a NaN logit and a window row whose chunk holds only -inf; drafts from p or, in
+    half of the slots, from a random q (rejections, corrections)."""
+    pytest.importorskip("triton")
+    from fastmm.triton.sampling import jacobi_verify_in_chunks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    N, W, V = 2, 3, 3000
+    scales = (3.0,) if groups == 2 else ()
+    g = torch.Generator().manual_seed(groups * 10 + int(temperature * 10))
+    logits = 2 * torch.randn(groups * N, W, V, generator=g)
+    logits[:, 0, [40, 1100, 2500]] = 60.0  # a tie across chunks in slot 0 of every row, of every group
+    logits[:, 1, 5] = float("nan")
+    logits[:, 2, 1024:2048] = float("-inf")  # a chunk of -inf only
+    logits = logits.to(dtype)
+    for (lo, hi), splits in (((0, V), 3), ((100, 2901), 2), ((5, 1030), 64)):
+        n = hi - lo
+        p = ref.processed_probs(logits.reshape(-1, V), scales, temperature, 0, 1.0, lo, hi, False).view(N, W, n)
+        random = torch.rand(N, W, generator=g) < 0.5
+        q = torch.where(random[..., None], torch.softmax(3 * torch.randn(N, W, n, generator=g), dim=-1), p)
+        drafts = torch.multinomial(q.view(-1, n), 1, generator=g).view(N, W) + lo
+        start = torch.randint(0, 30, (N,), generator=g)
+        limit = int(start.min()) + 2
+        args = (scales, temperature, 0, 1.0, lo, hi, False, 11)
+        got = jacobi_verify_in_chunks(*(t.to(device) for t in (logits, drafts, q, start)), limit, *args, splits)
+        expected = ref.jacobi_verify_fwd(logits, drafts, q, start, limit, *args)
+        where = f"allowed [{lo}, {hi}), splits {splits}"
+        (count, tokens, probs), (ref_count, ref_tokens, ref_probs) = [t.cpu() for t in got], expected
+        assert torch.equal(count, ref_count), where
+        assert torch.equal(tokens, ref_tokens), where
+        torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0, msg=where)
+
+
+def test_triton_split_verify_refuses_whole_row_statistics():
+    pytest.importorskip("triton")
+    from fastmm.triton.sampling import jacobi_verify_in_chunks
+
+    logits = torch.randn(2, 2, 3000)
+    drafts, q, start = torch.zeros(1, 2, dtype=torch.int64), torch.full((1, 2, 3000), 1 / 3000), torch.zeros(1).long()
+    for temperature, top_k, top_p, log_softmax in ((1.0, 0, 0.9, False), (1.0, 10, 1.0, False), (1.0, 0, 1.0, True)):
+        with pytest.raises(ValueError, match="splits > 1 needs raw logits without top-k / top-p"):
+            jacobi_verify_in_chunks(logits, drafts, q, start, 10, (5.0,), temperature, top_k, top_p, 0, 3000,
+                                    log_softmax, 0, 2)  # fmt: skip

@@ -528,6 +528,53 @@ def _log_positive(w):
     return tl.log(tl.where(w > 0.0, w, 1.0))
 
 
+@triton.jit
+def _verify_pass(ROW, group_stride, P_ROW, Q_ROW, first, last, lo, n, draft, position, b, stats, scale0, scale1,
+                 temperature, best_id, min_key, s_max, total, seed, G: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """One pass of a window row over its allowed ids [first, last) (all of [lo, hi), or one chunk of them), given
+    the row's statistics (the argmax best_id at temperature 0; else the kept set's min_key, s_max and total):
+    writes p there and returns (p(draft) over these ids, 0 if the draft lies elsewhere, then the best value and
+    relative id of the redraft race, log p with stream 0, and of the correction race, log max(0, p - q) with
+    stream 2), ties to the lowest id."""
+    cols = tl.arange(0, BLOCK_V)
+    redraft_key1, redraft_key2 = _row_keys(seed, position, b)  # stream 0
+    correction_key1, correction_key2 = _row_keys(seed, position + (2 << 32), b)
+    p_draft = tl.zeros((), tl.float32)
+    redraft_best = tl.full((), float("-inf"), tl.float32)
+    redraft_id = first - lo
+    correction_best = tl.full((), float("-inf"), tl.float32)
+    correction_id = first - lo
+    for start in range(first, last, BLOCK_V):
+        ids = start + cols
+        mask = ids < last
+        if temperature == 0.0:
+            p = tl.where(ids == best_id, 1.0, 0.0)
+        else:
+            s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
+            kept = mask & (_ordered_keys(s) >= min_key)
+            p = tl.where(kept, tl.math.div_rn(tl.exp(s - s_max), total), 0.0)
+        rel = ids - lo
+        tl.store(P_ROW + rel, p, mask=mask)
+        p_draft += tl.sum(tl.where(rel == draft, p, 0.0), axis=0)
+        key = tl.where(mask & (p > 0.0), _log_positive(p) + _race_noise(rel, redraft_key1, redraft_key2),
+                       float("-inf"))  # fmt: skip
+        redraft_best, redraft_id = _argmax_update(redraft_best, redraft_id, key, rel, n)
+        residual = tl.maximum(p - tl.load(Q_ROW + rel, mask=mask, other=0.0), 0.0)
+        key = tl.where(mask & (residual > 0.0),
+                       _log_positive(residual) + _race_noise(rel, correction_key1, correction_key2),
+                       float("-inf"))  # fmt: skip
+        correction_best, correction_id = _argmax_update(correction_best, correction_id, key, rel, n)
+    return p_draft, redraft_best, redraft_id, correction_best, correction_id
+
+
+@triton.jit
+def _accepted(seed, position, b, limit, q_draft, p_draft):
+    """The acceptance test of a draft: its position is before limit and u q(d) < p(d), u from stream 1."""
+    accept_key1, accept_key2 = _row_keys(seed, position + (1 << 32), b)
+    u = (_hash32(accept_key1 ^ accept_key2).to(tl.float32) + 0.5) * _TWO_POW_MINUS_32
+    return (position < limit) & (u * q_draft < p_draft)
+
+
 
 
 @triton.jit(do_not_specialize=["rows", "W", "lo", "hi", "top_k", "log_softmax", "seed", "limit"])
@@ -589,40 +636,200 @@ def _jacobi_rows_kernel(
 
     position = tl.load(START + b) + row % W
     draft = tl.load(DRAFTS + row) - lo
-    redraft_key1, redraft_key2 = _row_keys(seed, position, b)  # stream 0
-    correction_key1, correction_key2 = _row_keys(seed, position + (2 << 32), b)
-    p_draft = zero
-    redraft_best = tl.full((), float("-inf"), tl.float32)
-    redraft_id = tl.zeros((), tl.int32)
-    correction_best = tl.full((), float("-inf"), tl.float32)
-    correction_id = tl.zeros((), tl.int32)
-    for start in range(lo, hi, BLOCK_V):
-        ids = start + cols
-        mask = ids < hi
-        if temperature == 0.0:
-            p = tl.where(ids == best_id, 1.0, 0.0)
-        else:
-            s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
-            kept = mask & (_ordered_keys(s) >= min_key)
-            p = tl.where(kept, tl.math.div_rn(tl.exp(s - s_max), total), 0.0)
-        rel = ids - lo
-        tl.store(P_ROW + rel, p, mask=mask)
-        p_draft += tl.sum(tl.where(rel == draft, p, 0.0), axis=0)
-        key = tl.where(mask & (p > 0.0), _log_positive(p) + _race_noise(rel, redraft_key1, redraft_key2),
-                       float("-inf"))  # fmt: skip
-        redraft_best, redraft_id = _argmax_update(redraft_best, redraft_id, key, rel, n)
-        residual = tl.maximum(p - tl.load(Q_ROW + rel, mask=mask, other=0.0), 0.0)
-        key = tl.where(mask & (residual > 0.0),
-                       _log_positive(residual) + _race_noise(rel, correction_key1, correction_key2),
-                       float("-inf"))  # fmt: skip
-        correction_best, correction_id = _argmax_update(correction_best, correction_id, key, rel, n)
-
-    accept_key1, accept_key2 = _row_keys(seed, position + (1 << 32), b)
-    u = (_hash32(accept_key1 ^ accept_key2).to(tl.float32) + 0.5) * _TWO_POW_MINUS_32
-    ok = (position < limit) & (u * tl.load(Q_ROW + draft) < p_draft)
+    p_draft, redraft_best, redraft_id, correction_best, correction_id = _verify_pass(
+        ROW, group_stride, P_ROW, Q_ROW, lo, hi, lo, n, draft, position, b, stats, scale0, scale1, temperature,
+        best_id, min_key, s_max, total, seed, G, BLOCK_V)  # fmt: skip
+    ok = _accepted(seed, position, b, limit, tl.load(Q_ROW + draft), p_draft)
     tl.store(ACCEPT + row, ok.to(tl.int32))
     tl.store(REDRAFT + row, (redraft_id + lo).to(tl.int64))
     tl.store(CORRECTION + row, (correction_id + lo).to(tl.int64))
+
+
+# Split vocabulary, as cfg_sample's: one program per window row walks all 16384+ ids of its row W x 2 times, and a
+# verification has only N x W rows (8 to 32). Where p needs no statistic beyond the max and the sum of exp (raw-logit
+# guidance, no top-k / top-p), the row's allowed ids are cut into chunks:
+#   _jacobi_split_stats_kernel  per (row, chunk): the chunk's argmax (temperature 0), or its max m_c and
+#                               sum of exp(s - m_c) (0 for a chunk of -inf scores only);
+#   _jacobi_split_rows_kernel   per (row, chunk): merges those into the row's argmax, or s_max and
+#                               total = sum over chunks of sum_c exp(m_c - s_max), then runs _verify_pass over its
+#                               chunk (writes p, the chunk's share of p(d), the chunk's race winners);
+#   _jacobi_split_merge_kernel  per row: p(d), the race winners over the chunks (the lowest id on ties) and the
+#                               acceptance flag, for _jacobi_finish_kernel.
+# total sums in another order than the one-program kernel's, so p can differ from it in the last bit.
+@triton.jit(do_not_specialize=["lo", "hi", "chunk", "splits"])
+def _jacobi_split_stats_kernel(
+    LOGITS,  # [G*rows, V] the window's logits, group-major, unit stride along V
+    PART_MAX,  # [rows, splits] fp32 out: the chunk's max score (its argmax's score at temperature 0)
+    PART_SUM,  # [rows, splits] fp32 out: sum of exp(s - max) over the chunk (unused at temperature 0)
+    PART_ID,  # [rows, splits] int64 out: the chunk's argmax, absolute (temperature 0)
+    rows,
+    V,
+    stride_row,
+    lo,
+    hi,
+    chunk,
+    splits,
+    scale0,
+    scale1,
+    temperature,
+    G: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    ROW = LOGITS + row.to(tl.int64) * stride_row
+    group_stride = rows.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    zero = tl.zeros((), tl.float32)
+    stats = (zero, zero, zero, zero, zero, zero)  # raw logits
+    first = lo + split * chunk
+    last = tl.minimum(first + chunk, hi)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_id = first
+    total = zero
+    if temperature == 0.0:
+        for start in range(first, last, BLOCK_V):
+            ids = start + cols
+            z = _scores(ROW, group_stride, ids, ids < last, stats, scale0, scale1, 1.0, G)
+            best, best_id = _argmax_update(best, best_id, z, ids, last)
+    else:
+        running = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        for start in range(first, last, BLOCK_V):
+            ids = start + cols
+            running = tl.maximum(running, _scores(ROW, group_stride, ids, ids < last, stats, scale0, scale1,
+                                                  temperature, G))  # fmt: skip
+        best = tl.max(running, axis=0)
+        shift = tl.where(best > float("-inf"), best, 0.0)  # a chunk of -inf scores only sums to 0, not NaN
+        partial = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(first, last, BLOCK_V):
+            ids = start + cols
+            mask = ids < last
+            s = _scores(ROW, group_stride, ids, mask, stats, scale0, scale1, temperature, G)
+            partial += tl.where(mask, tl.exp(s - shift), 0.0)
+        total = tl.sum(partial, axis=0)
+    tl.store(PART_MAX + row * splits + split, best)
+    tl.store(PART_SUM + row * splits + split, total)
+    tl.store(PART_ID + row * splits + split, best_id.to(tl.int64))
+
+
+@triton.jit
+def _first_best(VALUES, IDS, splits, BLOCK_S: tl.constexpr):
+    """(the best of a row's chunk values, the id its first chunk holds): chunks hold increasing ids, so the first
+    chunk holding the best holds its lowest id."""
+    idx = tl.arange(0, BLOCK_S)
+    mask = idx < splits
+    values = tl.load(VALUES + idx, mask=mask, other=float("-inf"))
+    ids = tl.load(IDS + idx, mask=mask, other=0)
+    best = tl.max(values, axis=0)
+    first = tl.min(tl.where(mask & (values == best), idx, BLOCK_S), axis=0)
+    return best, tl.sum(tl.where(idx == first, ids, 0), axis=0)
+
+
+@triton.jit(do_not_specialize=["W", "lo", "hi", "chunk", "splits", "seed"])
+def _jacobi_split_rows_kernel(
+    LOGITS,  # [G*rows, V]
+    DRAFTS,  # [rows] int64 absolute draft ids
+    DRAFT_PROBS,  # [rows, hi - lo] fp32: q
+    START,  # [N] int64 position of slot 0
+    PART_MAX,  # [rows, splits] fp32: from _jacobi_split_stats_kernel
+    PART_SUM,
+    PART_ID,
+    PROBS,  # [rows, hi - lo] fp32 out: p
+    PART_P_DRAFT,  # [rows, splits] fp32 out: the chunk's share of p(draft)
+    PART_REDRAFT,  # [rows, splits] fp32 out: the chunk's best redraft race value
+    PART_REDRAFT_ID,  # [rows, splits] int64 out: its id, relative to lo
+    PART_CORRECTION,  # [rows, splits] fp32 out: the chunk's best correction race value
+    PART_CORRECTION_ID,  # [rows, splits] int64 out
+    rows,
+    W,
+    V,
+    stride_row,
+    lo,
+    hi,
+    chunk,
+    splits,
+    scale0,
+    scale1,
+    temperature,
+    seed,
+    G: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row // W
+    ROW = LOGITS + row.to(tl.int64) * stride_row
+    group_stride = rows.to(tl.int64) * stride_row
+    n = hi - lo
+    zero = tl.zeros((), tl.float32)
+    stats = (zero, zero, zero, zero, zero, zero)
+    parts = row * splits
+    best_id = lo
+    s_max = zero
+    total = zero + 1.0
+    if temperature == 0.0:
+        _, winner = _first_best(PART_MAX + parts, PART_ID + parts, splits, BLOCK_S)
+        best_id = winner.to(tl.int32)  # an id < V
+    else:
+        idx = tl.arange(0, BLOCK_S)
+        chunk_max = tl.load(PART_MAX + parts + idx, mask=idx < splits, other=float("-inf"))
+        chunk_sum = tl.load(PART_SUM + parts + idx, mask=idx < splits, other=0.0)
+        s_max = tl.max(chunk_max, axis=0)
+        # A chunk of -inf scores only has sum 0 and adds 0 (its max is read as s_max, so no -inf - -inf).
+        rescale = tl.exp(tl.where(chunk_max > float("-inf"), chunk_max, s_max) - s_max)
+        total = tl.sum(chunk_sum * rescale, axis=0)
+    first = lo + split * chunk
+    last = tl.minimum(first + chunk, hi)
+    position = tl.load(START + b) + row % W
+    draft = tl.load(DRAFTS + row) - lo
+    P_ROW = PROBS + row.to(tl.int64) * n
+    Q_ROW = DRAFT_PROBS + row.to(tl.int64) * n
+    p_draft, redraft_best, redraft_id, correction_best, correction_id = _verify_pass(
+        ROW, group_stride, P_ROW, Q_ROW, first, last, lo, n, draft, position, b, stats, scale0, scale1, temperature,
+        best_id, tl.zeros((), tl.uint32), s_max, total, seed, G, BLOCK_V)  # fmt: skip
+    tl.store(PART_P_DRAFT + parts + split, p_draft)
+    tl.store(PART_REDRAFT + parts + split, redraft_best)
+    tl.store(PART_REDRAFT_ID + parts + split, redraft_id.to(tl.int64))
+    tl.store(PART_CORRECTION + parts + split, correction_best)
+    tl.store(PART_CORRECTION_ID + parts + split, correction_id.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["W", "lo", "hi", "splits", "seed", "limit"])
+def _jacobi_split_merge_kernel(
+    DRAFTS,  # [rows] int64
+    DRAFT_PROBS,  # [rows, hi - lo] fp32
+    START,  # [N] int64
+    PART_P_DRAFT,  # [rows, splits]: from _jacobi_split_rows_kernel
+    PART_REDRAFT,
+    PART_REDRAFT_ID,
+    PART_CORRECTION,
+    PART_CORRECTION_ID,
+    ACCEPT,  # [rows] int32 out, as _jacobi_rows_kernel's
+    REDRAFT,  # [rows] int64 out, absolute
+    CORRECTION,  # [rows] int64 out, absolute
+    W,
+    lo,
+    hi,
+    splits,
+    limit,
+    seed,
+    BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // W
+    parts = row * splits
+    idx = tl.arange(0, BLOCK_S)
+    p_draft = tl.sum(tl.load(PART_P_DRAFT + parts + idx, mask=idx < splits, other=0.0), axis=0)
+    _, redraft_id = _first_best(PART_REDRAFT + parts, PART_REDRAFT_ID + parts, splits, BLOCK_S)
+    _, correction_id = _first_best(PART_CORRECTION + parts, PART_CORRECTION_ID + parts, splits, BLOCK_S)
+    position = tl.load(START + b) + row % W
+    draft = tl.load(DRAFTS + row) - lo
+    q_draft = tl.load(DRAFT_PROBS + row.to(tl.int64) * (hi - lo) + draft)
+    ok = _accepted(seed, position, b, limit, q_draft, p_draft)
+    tl.store(ACCEPT + row, ok.to(tl.int32))
+    tl.store(REDRAFT + row, redraft_id + lo)
+    tl.store(CORRECTION + row, correction_id + lo)
 
 
 @triton.jit(do_not_specialize=["W", "n", "limit"])
@@ -677,12 +884,23 @@ def jacobi_verify_fwd(logits, drafts, draft_probs, start, limit, scales, tempera
 
     logits [G*N, W, V] contiguous fp32 / fp16 / bf16; drafts [N, W] int64 absolute ids in [lo, hi);
     draft_probs [N, W, hi - lo] fp32; start [N] int64; limit an int. Returns (count [N] int64, tokens [N, W]
-    int64, probs [N, W, hi - lo] fp32)."""
+    int64, probs [N, W, hi - lo] fp32). Rows split over several programs where p allows it
+    (jacobi_verify_in_chunks, _vocab_splits)."""
+    return jacobi_verify_in_chunks(logits, drafts, draft_probs, start, limit, scales, temperature, top_k, top_p, lo,
+                                   hi, log_softmax, seed, None)  # fmt: skip
+
+
+def jacobi_verify_in_chunks(logits, drafts, draft_probs, start, limit, scales, temperature, top_k, top_p, lo, hi,
+                            log_softmax, seed, splits: int | None):  # fmt: skip
+    """jacobi_verify_fwd with ``splits`` programs per window row over the allowed ids (None: _vocab_splits where
+    p needs only the row's max and sum, 1 otherwise and on CPU tensors; tests force more under the
+    interpreter)."""
     G = len(scales) + 1
     N, W = drafts.shape
     V, n = logits.shape[-1], hi - lo
     device = logits.device
-    flat = logits.reshape(G * N * W, V)
+    rows = N * W
+    flat = logits.reshape(G * rows, V)
     probs = torch.empty(N, W, n, dtype=torch.float32, device=device)
     accept = torch.empty(N, W, dtype=torch.int32, device=device)
     redraft = torch.empty(N, W, dtype=torch.int64, device=device)
@@ -692,11 +910,42 @@ def jacobi_verify_fwd(logits, drafts, draft_probs, start, limit, scales, tempera
     scale0, scale1 = (*map(float, scales), 0.0, 0.0)[:2]
     seed_bits = seed - _INT32_PATTERN if seed >= _INT32_PATTERN // 2 else seed
     limit = min(int(limit), 2**31 - 1)  # positions are int64, but no window reaches 2^31
-    _jacobi_rows_kernel[(N * W,)](
-        flat, drafts, draft_probs, start, probs, accept, redraft, correction, N * W, W, V, flat.stride(0), limit,
-        lo, hi, scale0, scale1, float(temperature), top_k, float(top_p), int(log_softmax), seed_bits, G=G,
-        BLOCK_V=_rows_block_v(device, n, V), num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
-    )  # fmt: skip
+    whole_row = log_softmax or 0 < top_k < n or top_p < 1.0  # p needs more than the row's max and sum
+    if splits is None:
+        splits = 1 if whole_row else _vocab_splits(device, rows, n)
+    if splits > 1:
+        if whole_row:
+            raise ValueError("jacobi_verify_in_chunks: splits > 1 needs raw logits without top-k / top-p")
+        chunk = triton.cdiv(triton.cdiv(n, splits), _BLOCK_V) * _BLOCK_V  # whole tiles per chunk
+        splits = triton.cdiv(n, chunk)
+    block_v = _rows_block_v(device, n, V)
+    if splits > 1:
+        block_s = _merge_block(splits)
+        part_max, part_sum, part_p_draft, part_redraft, part_correction = (
+            torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(5))  # fmt: skip
+        part_id, part_redraft_id, part_correction_id = (
+            torch.empty(rows, splits, dtype=torch.int64, device=device) for _ in range(3))  # fmt: skip
+        _jacobi_split_stats_kernel[(rows, splits)](
+            flat, part_max, part_sum, part_id, rows, V, flat.stride(0), lo, hi, chunk, splits, scale0, scale1,
+            float(temperature), G=G, BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
+        )  # fmt: skip
+        _jacobi_split_rows_kernel[(rows, splits)](
+            flat, drafts, draft_probs, start, part_max, part_sum, part_id, probs, part_p_draft, part_redraft,
+            part_redraft_id, part_correction, part_correction_id, rows, W, V, flat.stride(0), lo, hi, chunk, splits,
+            scale0, scale1, float(temperature), seed_bits, G=G, BLOCK_V=_BLOCK_V, BLOCK_S=block_s,
+            num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
+        )  # fmt: skip
+        _jacobi_split_merge_kernel[(rows,)](
+            drafts, draft_probs, start, part_p_draft, part_redraft, part_redraft_id, part_correction,
+            part_correction_id, accept, redraft, correction, W, lo, hi, splits, limit, seed_bits, BLOCK_S=block_s,
+            num_warps=_MERGE_WARPS, num_stages=1,
+        )  # fmt: skip
+    else:
+        _jacobi_rows_kernel[(rows,)](
+            flat, drafts, draft_probs, start, probs, accept, redraft, correction, rows, W, V, flat.stride(0), limit,
+            lo, hi, scale0, scale1, float(temperature), top_k, float(top_p), int(log_softmax), seed_bits, G=G,
+            BLOCK_V=block_v, num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
+        )  # fmt: skip
     _jacobi_finish_kernel[(N,)](
         drafts, start, accept, redraft, correction, count, tokens, probs, W, n, limit,
         BLOCK_W=triton.next_power_of_2(W), BLOCK_Z=_BLOCK_Z, num_warps=_FINISH_WARPS, num_stages=1,
@@ -730,3 +979,39 @@ register_aot(
     [_jacobi_rows_aot_config(dtype, groups) for dtype in TRITON_DTYPE.values() for groups in (1, 2, 3)],
 )
 register_aot(_jacobi_finish_kernel, [_jacobi_finish_aot_config(block_w) for block_w in (1, 16, 64)])
+
+
+def _jacobi_split_aot_configs() -> dict:
+    """The split verification's three launches: every logits dtype and group count, merges of up to 16 and up
+    to _MAX_SPLITS chunks."""
+    floats = ("scale0", "scale1", "temperature")
+    stats, rows = [], []
+    for dtype in TRITON_DTYPE.values():
+        for groups in (1, 2, 3):
+            constexprs = {"G": groups, "BLOCK_V": _BLOCK_V}
+            pointers = {"LOGITS": f"*{dtype}", "PART_MAX": "*fp32", "PART_SUM": "*fp32", "PART_ID": "*i64"}
+            signature = aot_signature(_jacobi_split_stats_kernel, pointers, constexprs, floats=floats)
+            stats.append(AotConfig(f"{dtype} G={groups} BLOCK_V={_BLOCK_V}", signature, constexprs, _NUM_WARPS, 1,
+                                   ("V", "stride_row", "chunk")))  # fmt: skip
+            for block_s in (16, _MAX_SPLITS):
+                constexprs = {"G": groups, "BLOCK_V": _BLOCK_V, "BLOCK_S": block_s}
+                pointers = {"LOGITS": f"*{dtype}", "DRAFTS": "*i64", "DRAFT_PROBS": "*fp32", "START": "*i64",
+                            "PART_MAX": "*fp32", "PART_SUM": "*fp32", "PART_ID": "*i64", "PROBS": "*fp32",
+                            "PART_P_DRAFT": "*fp32", "PART_REDRAFT": "*fp32", "PART_REDRAFT_ID": "*i64",
+                            "PART_CORRECTION": "*fp32", "PART_CORRECTION_ID": "*i64"}  # fmt: skip
+                signature = aot_signature(_jacobi_split_rows_kernel, pointers, constexprs, floats=floats)
+                rows.append(AotConfig(f"{dtype} G={groups} BLOCK_V={_BLOCK_V} BLOCK_S={block_s}", signature,
+                                      constexprs, _NUM_WARPS, 1, ("V", "stride_row", "chunk")))  # fmt: skip
+    merges = []
+    for block_s in (16, _MAX_SPLITS):
+        constexprs = {"BLOCK_S": block_s}
+        pointers = {"DRAFTS": "*i64", "DRAFT_PROBS": "*fp32", "START": "*i64", "PART_P_DRAFT": "*fp32",
+                    "PART_REDRAFT": "*fp32", "PART_REDRAFT_ID": "*i64", "PART_CORRECTION": "*fp32",
+                    "PART_CORRECTION_ID": "*i64", "ACCEPT": "*i32", "REDRAFT": "*i64", "CORRECTION": "*i64"}  # fmt: skip
+        signature = aot_signature(_jacobi_split_merge_kernel, pointers, constexprs)
+        merges.append(AotConfig(f"BLOCK_S={block_s}", signature, constexprs, _MERGE_WARPS, 1, ()))
+    return {_jacobi_split_stats_kernel: stats, _jacobi_split_rows_kernel: rows, _jacobi_split_merge_kernel: merges}
+
+
+for _kernel, _configs in _jacobi_split_aot_configs().items():
+    register_aot(_kernel, _configs)
