@@ -213,9 +213,12 @@ void weight_tile(const Problem<T, X>& pb, int64_t n) {
 #if !(defined(__AVX512F__) && defined(__AVX512BW__))
   if constexpr (std::is_same_v<X, float>) {
     const auto passes = [&](const auto* w, int64_t w_stride) {
-      for (; m + 3 <= pb.rows; m += 3) narrow_tile<R, 3>(pb, n, m, w, w_stride);
-      if (m + 2 <= pb.rows) narrow_tile<R, 2>(pb, n, m, w, w_stride);
-      if (m + 1 == pb.rows) narrow_tile<R, 1>(pb, n, m, w, w_stride);
+      // Triples, then a pair or a single row; 3k + 1 rows (k >= 1) end with two pairs instead of a triple and a
+      // single row, whose pass would load R + 1 blocks per R FMAs.
+      const int64_t triples = pb.rows % 3 == 1 && pb.rows > 1 ? pb.rows / 3 - 1 : pb.rows / 3;
+      for (; m < 3 * triples; m += 3) narrow_tile<R, 3>(pb, n, m, w, w_stride);
+      for (; m + 2 <= pb.rows; m += 2) narrow_tile<R, 2>(pb, n, m, w, w_stride);
+      if (m < pb.rows) narrow_tile<R, 1>(pb, n, m, w, w_stride);
     };
     // From 8 rows of x (3 passes over the tile's weight rows), fp16 / bf16 weights are widened once into an
     // L1-resident buffer: widening in every pass costs two more instructions per weight block beside its 3
