@@ -29,6 +29,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -683,13 +684,25 @@ class DecodeItem {
     alignas(64) float scores[kStepKeys];
     for (int64_t lo = first_; lo < last_; lo += kStepKeys) {
       const int64_t count = std::min(kStepKeys, last_ - lo);
-      for (int64_t r = 0; r < rows_; ++r) {
-        const int64_t attended = std::min(count, row_end_offset_ + r % a_.num_queries - lo);
-        if (attended <= 0) continue;
-        step_scores(q.data() + r * dim_blocks_, k + lo * a_.dim, attended, scores);
-        mask_scores(scores, attended, r % a_.num_queries, lo);
-        update_row(scores, attended, v + lo * a_.dim, out + r * dim_blocks_, max[r], sum[r]);
+      const auto rows_over = [&](const auto* keys, const auto* values) {
+        for (int64_t r = 0; r < rows_; ++r) {
+          const int64_t attended = std::min(count, row_end_offset_ + r % a_.num_queries - lo);
+          if (attended <= 0) continue;
+          step_scores(q.data() + r * dim_blocks_, keys, attended, scores);
+          mask_scores(scores, attended, r % a_.num_queries, lo);
+          update_row(scores, attended, values, out + r * dim_blocks_, max[r], sum[r]);
+        }
+      };
+      const T* keys = k + lo * a_.dim;
+      const T* values = v + lo * a_.dim;
+      // fp16 / bf16 K and V that several query rows read are widened once per step, not once per row.
+      if (std::is_same_v<T, float> || rows_ < kWidenRows) {
+        rows_over(keys, values);
+        continue;
       }
+      widen(keys, count * a_.dim, wide_keys_);
+      widen(values, count * a_.dim, wide_values_);
+      rows_over(static_cast<const float*>(wide_keys_.data()), static_cast<const float*>(wide_values_.data()));
     }
   }
 
@@ -697,6 +710,15 @@ class DecodeItem {
   // Keys per online-softmax step: the max, exp2 and rescale of a step cost as much as a few dozen keys, and
   // a longer step keeps more of the out-of-order window on loads.
   static constexpr int64_t kStepKeys = 64;
+  // Query rows of an item from which fp16 / bf16 K and V are widened once per step: with one or two rows the
+  // copy costs about what it saves.
+  static constexpr int64_t kWidenRows = 4;
+
+  static void widen(const T* src, int64_t n, std::vector<float>& dst) {
+    dst.resize(n);
+    float* out = dst.data();
+    for_each_block(n, [=](int64_t j, auto count) { store_block(out + j, load_block(src + j, count), count); });
+  }
 
   void load_queries(std::vector<f32x16>& q) const {
     const T* src = static_cast<const T*>(a_.q) + head_ * rows_ * a_.dim;  // the group's rows are consecutive
@@ -711,12 +733,13 @@ class DecodeItem {
   // scores[j] = the score of query q against key j of the step (rows of keys) for j < count, and -inf from
   // count to the next whole Lanes. A last group of fewer than kKeyGroup keys is copied, zero-padded, so no row
   // past count is read.
-  void step_scores(const f32x16* q, const T* keys, int64_t count, float* scores) {
+  template <typename K>
+  void step_scores(const f32x16* q, const K* keys, int64_t count, float* scores) {
     int64_t j = 0;
     for (; j + kKeyGroup <= count; j += kKeyGroup) key_group_scores(q, keys + j * a_.dim, a_.dim, scores + j);
     if (j < count) {
       padded_keys_.assign(kKeyGroup * a_.dim, 0.f);
-      const T* rest = keys + j * a_.dim;
+      const K* rest = keys + j * a_.dim;
       for (int64_t i = 0; i < (count - j) * a_.dim; ++i) padded_keys_[i] = to_float(rest[i]);
       key_group_scores(q, padded_keys_.data(), a_.dim, scores + j);
     }
@@ -744,7 +767,8 @@ class DecodeItem {
   // Online softmax step of one query row over the scores of its first `count` keys (at least one; -inf up to
   // the next whole Lanes); a step whose keys are all masked, with nothing attended before it, changes nothing.
   // Carried values are Lanes (lanes.h).
-  void update_row(const float* scores, int64_t count, const T* values, f32x16* out, float& max,
+  template <typename K>
+  void update_row(const float* scores, int64_t count, const K* values, f32x16* out, float& max,
                   float& sum) const {
     const int64_t vectors = ceil_div(count, kLanes);
     Lanes step_max = Lanes{} - kInf;
@@ -773,6 +797,7 @@ class DecodeItem {
   const int64_t head_, split_, rows_, dim_blocks_;
   int64_t first_, last_, row_end_offset_;
   std::vector<float> padded_keys_;  // [kKeyGroup][dim]: a last group of fewer than kKeyGroup keys, zero-padded
+  std::vector<float> wide_keys_, wide_values_;  // [kStepKeys][dim]: a step's K and V widened to fp32
 };
 
 // o = sum over splits of out_s * 2^(max_s - M) / sum over splits of sum_s * 2^(max_s - M), M the largest max.
