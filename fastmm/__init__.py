@@ -6,10 +6,16 @@
         y_ref = fastmm.ops.modality_rms_norm(x, modality, weight)
 """
 
-from fastmm import integrations, nn, ops, runtime
-from fastmm.backend import use_backend
-from fastmm.integrations import patch, unpatch
-from fastmm.profiling import profile
+import sys
+
+from fastmm import _native_library
+
+_native_library.load_from_env(sys.modules[__name__])  # before any module imports fastmm._C
+
+from fastmm import integrations, nn, ops, runtime  # noqa: E402
+from fastmm.backend import use_backend  # noqa: E402
+from fastmm.integrations import patch, unpatch  # noqa: E402
+from fastmm.profiling import profile  # noqa: E402
 
 __version__ = "0.1.0"
 
