@@ -33,7 +33,8 @@ ALLOWED: dict[str, set[str]] = {
     "profiling": {"bench", "runtime", "models", "nn", "ops", "image_io"} | BELOW_OPS,
     "bench": {"fastmm", "runtime", "models", "nn", "ops", "integrations"} | BELOW_OPS,
     "image_io": set(),
-    "fastmm": {"ops", "nn", "runtime", "integrations", "backend", "profiling"},  # the package's public face
+    "_native_library": set(),  # loads fastmm._C from $FASTMM_NATIVE_LIBRARY, first thing on import
+    "fastmm": {"ops", "nn", "runtime", "integrations", "backend", "profiling", "_native_library"},  # public face
     "cli": {"fastmm", "runtime", "models", "nn", "ops", "integrations", "bench", "profiling", "image_io"} | BELOW_OPS,
 }
 
