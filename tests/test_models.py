@@ -143,6 +143,54 @@ def test_missing_tensor(janus_dir, tmp_path):
         UnifiedModel.from_pretrained(broken)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_safetensors_file_is_named(janus_dir, tmp_path, damage):
+    broken = _copy(janus_dir, tmp_path)
+    file = broken / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        UnifiedModel.from_pretrained(broken)
+
+
+def _with_tensor(janus_dir, tmp_path, name, make):
+    """A copy of the checkpoint whose tensor ``name`` is replaced by make(tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = _copy(janus_dir, tmp_path)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors[name] = make(tensors[name])
+    save_file(tensors, str(broken / "model.safetensors"))
+    return broken
+
+
+@pytest.mark.parametrize(
+    "name,make,words",
+    [
+        ("model.language_model.layers.1.mlp.down_proj.weight", lambda t: t[:, :-1].contiguous(),
+         r"layers\.1\.mlp\.down_proj\.weight: \(\d+, \d+\) torch\.float32, expected"),
+        ("model.language_model.layers.0.mlp.down_proj.weight", lambda t: t.to(torch.int32),
+         r"layers\.0\.mlp\.down_proj\.weight: .* torch\.int32, expected"),
+        ("model.language_model.layers.0.self_attn.k_proj.weight", lambda t: t[:, :-2].contiguous(),
+         r"do not stack"),
+    ],
+    ids=["shape", "dtype", "fused part"],
+)  # fmt: skip
+def test_tensor_of_the_wrong_shape_or_dtype_is_named(janus_dir, tmp_path, name, make, words):
+    broken = _with_tensor(janus_dir, tmp_path, name, make)
+    with pytest.raises(ValueError, match=words):
+        UnifiedModel.from_pretrained(broken)
+
+
+def test_config_that_contradicts_the_weights(janus_dir, tmp_path):
+    broken = _copy(janus_dir, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 8
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not match its config .*mlp"):
+        UnifiedModel.from_pretrained(broken)
+
+
 def test_prompt_ids_outside_the_vocabulary(model):
     with pytest.raises(ValueError, match=r"input_ids must be in \[0, 256\)"):
         model.embed_prompt(torch.tensor([[1, 256]]))

@@ -203,5 +203,7 @@ def state_dict_from_janus(tensors: dict[str, torch.Tensor], config: UnifiedConfi
     for fused, pieces in parts.items():
         missing = [p for p in order[fused] if p not in pieces]
         _require(not missing, f"{fused} needs parts {order[fused]}, missing {missing}")
+        shapes = {p: tuple(pieces[p].shape) for p in order[fused]}
+        _require(len({shape[1:] for shape in shapes.values()}) == 1, f"{fused}: parts of shapes {shapes} do not stack")
         out[fused] = torch.cat([pieces[p] for p in order[fused]], dim=0)
     return out

@@ -72,6 +72,7 @@ class UnifiedModel(nn.Module):
         """Load a transformers Janus checkpoint directory (config.json, optional generation_config.json,
         model.safetensors or sharded model-*.safetensors with their index). Weights load from safetensors only:
         pickled checkpoints (pytorch_model.bin) are refused. See fastmm.models.convert for the name mapping."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(path)
@@ -86,7 +87,10 @@ class UnifiedModel(nn.Module):
         files = _safetensors_files(directory)
         tensors: dict[str, torch.Tensor] = {}
         for file in files:
-            tensors.update(load_file(str(file)))
+            try:
+                tensors.update(load_file(str(file)))
+            except (SafetensorError, OSError) as exc:  # truncated, corrupted or unreadable
+                raise ValueError(f"UnifiedModel.from_pretrained: {file} is not a readable safetensors file: {exc}") from exc
         return cls.from_janus_state_dict(config, tensors, dtype, device, source=f"checkpoint {directory}")
 
     @classmethod
@@ -114,6 +118,12 @@ class UnifiedModel(nn.Module):
                 f"UnifiedModel: {source} does not match its config: "
                 f"missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
+        shapes = {name: t for name, t in model.state_dict().items()}  # meta tensors: shapes and dtypes only
+        wrong = [f"{name}: {tuple(t.shape)} {t.dtype}, expected {tuple(shapes[name].shape)} {shapes[name].dtype}"
+                 for name, t in state.items()
+                 if t.shape != shapes[name].shape or t.is_floating_point() != shapes[name].is_floating_point()]  # fmt: skip
+        if wrong:
+            raise ValueError(f"UnifiedModel: {source} does not match its config (fastmm names): {wrong[:8]}")
         state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
