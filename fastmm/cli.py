@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import sys
 from typing import Any, Optional
@@ -34,6 +35,9 @@ out = Console() if sys.stdout.isatty() else Console(width=240)
 err = Console(stderr=True)
 
 JsonOption = typer.Option(None, "--json", help="Also write the result as JSON to this path.", dir_okay=False)
+# The OpenMP settings the native kernels run under: the thread count (torch.set_num_threads overrides it) and
+# how idle threads wait (libgomp spins for a while before sleeping unless OMP_WAIT_POLICY=PASSIVE).
+OPENMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def _print_table(title: str, headers: list[str], body: list[list[str]]) -> None:
@@ -92,6 +96,7 @@ def info(
         "cpu": cpu_model(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA",
         "torch_threads": torch.get_num_threads(),
+        "openmp_environment": {name: os.environ.get(name) for name in OPENMP_VARIABLES},
         "telemetry": _availability(*nvml_status()),
         "backends": {name: {d.type: _availability(*backend_status(name, d)) for d in devices} for name in BACKENDS},
     }
@@ -99,7 +104,8 @@ def info(
     machine = [
         ["cpu", payload["cpu"]],
         ["cuda device", payload["cuda_device"]],
-        ["torch threads", str(payload["torch_threads"])],
+        ["torch threads", f"{payload['torch_threads']} (native kernels use up to this many OpenMP threads per call)"],
+        *[[name, value or "unset"] for name, value in payload["openmp_environment"].items()],
         ["NVML telemetry", _yes_no(**payload["telemetry"])],
     ]
     _print_table("machine", ["item", "value"], machine)

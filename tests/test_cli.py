@@ -34,6 +34,7 @@ def test_info_reports_every_backend(tmp_path):
     assert set(payload["backends"]) == set(BACKENDS)
     assert payload["backends"]["reference"]["cpu"]["available"] is True
     assert "torch" in payload["versions"] and payload["torch_threads"] >= 1
+    assert set(payload["openmp_environment"]) == {"OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}
     assert "cpu_roofline" not in payload
 
 
