@@ -46,7 +46,7 @@ SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS := tests/test_native_args.py tests/test_decode_layer.py tests/test_linear.py tests/test_norm.py \
                   tests/test_attention.py tests/test_attention_masking.py tests/test_vq.py tests/test_sampling.py \
                   tests/test_routed_linear.py tests/test_fusion.py tests/test_prune.py tests/test_jacobi.py \
-                  tests/test_sanitize.py
+                  tests/test_sanitize.py tests/test_fuzz.py tests/test_thread_safety.py
 
 test-sanitize: setup
 	cmake -S . -B $(SANITIZE_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
