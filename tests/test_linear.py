@@ -94,6 +94,10 @@ def test_linear_empty_inputs(backend, device):
         no_features_no_bias = fastmm.ops.linear(torch.empty(3, 0, device=device), torch.empty(5, 0, device=device))
         no_outputs = fastmm.ops.linear(torch.randn(3, 8, device=device), torch.empty(0, 8, device=device))
     assert empty_rows.shape == (2, 0, 5)
+    # An empty strided view (found by tests/test_fuzz.py): its strides are not a dense row's.
+    with fastmm.use_backend(backend):
+        empty_strided = fastmm.ops.linear(torch.randn(4, 5, device=device)[:0, ::2], torch.randn(3, 3, device=device))
+    assert empty_strided.shape == (0, 3)
     torch.testing.assert_close(no_features, b.expand(3, 5))
     torch.testing.assert_close(no_features_no_bias, torch.zeros(3, 5, device=device))
     assert no_outputs.shape == (3, 0)

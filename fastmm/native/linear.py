@@ -47,6 +47,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The skinny kernel for any M (linear's arguments): rows are read through their row stride, and x is
     copied only when its elements along K are not adjacent."""
     (M, K), N = x.shape, weight.shape[0]
+    if M == 0 or N == 0:  # nothing to compute; and an empty view keeps strides the kernel's checks refuse
+        return torch.empty(M, N, dtype=x.dtype)
     if K > 1 and x.stride(1) != 1:
         x = x.contiguous()
     if bias is not None and not bias.is_contiguous():
