@@ -109,8 +109,8 @@ class UnifiedModel(nn.Module):
         state = convert.state_dict_from_janus(tensors, config)
         with torch.device("meta"):
             model = cls(config)
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = model.state_dict()  # meta tensors: names, shapes and dtypes only
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if config.tie_word_embeddings:
             missing = [name for name in missing if name != "lm_head.weight"]
         if missing or unexpected:
@@ -118,10 +118,9 @@ class UnifiedModel(nn.Module):
                 f"UnifiedModel: {source} does not match its config: "
                 f"missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
-        shapes = {name: t for name, t in model.state_dict().items()}  # meta tensors: shapes and dtypes only
-        wrong = [f"{name}: {tuple(t.shape)} {t.dtype}, expected {tuple(shapes[name].shape)} {shapes[name].dtype}"
+        wrong = [f"{name}: {tuple(t.shape)} {t.dtype}, expected {tuple(expected[name].shape)} {expected[name].dtype}"
                  for name, t in state.items()
-                 if t.shape != shapes[name].shape or t.is_floating_point() != shapes[name].is_floating_point()]  # fmt: skip
+                 if t.shape != expected[name].shape or t.is_floating_point() != expected[name].is_floating_point()]  # fmt: skip
         if wrong:
             raise ValueError(f"UnifiedModel: {source} does not match its config (fastmm names): {wrong[:8]}")
         state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}

@@ -359,17 +359,25 @@ def _cfg_sample_split_kernel(
     tl.store(PART_ID + row * splits + split, best_id.to(tl.int64))
 
 
-@triton.jit(do_not_specialize=["splits"])
-def _cfg_sample_merge_kernel(PART_VALUE, PART_ID, OUT, splits, BLOCK_S: tl.constexpr):
-    """OUT[row] = the id of the best chunk value, the lowest id on ties (chunks hold increasing ids)."""
-    row = tl.program_id(0)
+@triton.jit
+def _first_best(VALUES, IDS, splits, BLOCK_S: tl.constexpr):
+    """(the best of a row's chunk values, the id its first chunk holds): chunks hold increasing ids, so the first
+    chunk holding the best holds its lowest id."""
     idx = tl.arange(0, BLOCK_S)
     mask = idx < splits
-    values = tl.load(PART_VALUE + row * splits + idx, mask=mask, other=float("-inf"))
-    ids = tl.load(PART_ID + row * splits + idx, mask=mask, other=0)
+    values = tl.load(VALUES + idx, mask=mask, other=float("-inf"))
+    ids = tl.load(IDS + idx, mask=mask, other=0)
     best = tl.max(values, axis=0)
     first = tl.min(tl.where(mask & (values == best), idx, BLOCK_S), axis=0)
-    tl.store(OUT + row, tl.sum(tl.where(idx == first, ids, 0), axis=0))
+    return best, tl.sum(tl.where(idx == first, ids, 0), axis=0)
+
+
+@triton.jit(do_not_specialize=["splits"])
+def _cfg_sample_merge_kernel(PART_VALUE, PART_ID, OUT, splits, BLOCK_S: tl.constexpr):
+    """OUT[row] = the id of the best chunk value, the lowest id on ties."""
+    row = tl.program_id(0)
+    _, best_id = _first_best(PART_VALUE + row * splits, PART_ID + row * splits, splits, BLOCK_S)
+    tl.store(OUT + row, best_id)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -710,19 +718,6 @@ def _jacobi_split_stats_kernel(
     tl.store(PART_MAX + row * splits + split, best)
     tl.store(PART_SUM + row * splits + split, total)
     tl.store(PART_ID + row * splits + split, best_id.to(tl.int64))
-
-
-@triton.jit
-def _first_best(VALUES, IDS, splits, BLOCK_S: tl.constexpr):
-    """(the best of a row's chunk values, the id its first chunk holds): chunks hold increasing ids, so the first
-    chunk holding the best holds its lowest id."""
-    idx = tl.arange(0, BLOCK_S)
-    mask = idx < splits
-    values = tl.load(VALUES + idx, mask=mask, other=float("-inf"))
-    ids = tl.load(IDS + idx, mask=mask, other=0)
-    best = tl.max(values, axis=0)
-    first = tl.min(tl.where(mask & (values == best), idx, BLOCK_S), axis=0)
-    return best, tl.sum(tl.where(idx == first, ids, 0), axis=0)
 
 
 @triton.jit(do_not_specialize=["W", "lo", "hi", "chunk", "splits", "seed"])
